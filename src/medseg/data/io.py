@@ -1,0 +1,94 @@
+"""Reading images and masks from disk into the arrays the rest of medseg expects.
+
+Images become uint8 RGB (H, W, 3) whatever their mode: grayscale, palette, RGBA (composited
+on white, as a viewer shows it), 16-bit (scaled to 8 bits). Masks become bool (H, W).
+
+How a mask is read: a pixel is foreground when its value is above half the largest value its
+bit depth allows (above 127 for 8-bit masks), so the soft edges that resizing leaves are cut in
+the middle rather than grown. Masks stored as 0/1 (largest value 1) are read as they are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medseg.errors import MedsegError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+# PIL's own decompression-bomb limit is a warning below 2× and an error above; a dermoscopy
+# original is at most ~30 megapixels, so anything past this is refused up front, clearly.
+MAX_PIXELS = 120_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 RGB (H, W, 3); a one-line MedsegError names a bad file."""
+    with _open(path) as image:
+        return _to_rgb(image)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask as bool (H, W): foreground above half the bit depth's range (see module doc)."""
+    with _open(path) as image:
+        if image.mode in ("RGB", "RGBA", "P", "LA"):
+            image = image.convert("L")
+        values = np.asarray(image)
+    if values.ndim != 2:
+        raise MedsegError(f"mask {path} has shape {values.shape}; expected a single-channel image")
+    largest = int(values.max()) if values.size else 0
+    if largest <= 1:
+        return values > 0
+    half_range = 32767 if values.dtype == np.uint16 or largest > 255 else 127
+    return values > half_range
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image, read from its header only."""
+    with _open(path) as image:
+        return image.height, image.width
+
+
+def _open(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise MedsegError(f"{path} is empty (0 bytes); replace it or remove it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decode now, so a truncated file fails here, with its name
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise MedsegError(
+            f"{path} is too large to decode safely ({error}); downscale it first (limit "
+            f"{MAX_PIXELS:,} pixels)".replace("\n", " ")
+        ) from error
+    except UnidentifiedImageError as error:
+        raise MedsegError(
+            f"{path} is not an image PIL can read; replace it or remove it"
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise MedsegError(
+            f"{path} is corrupt or truncated ({error}); replace it or remove it"
+        ) from error
+    return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale the full range to 8 bits rather than clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if values.max() > 255 else 1.0
+        gray = np.clip(values * scale, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,67 @@
+"""Atrous Spatial Pyramid Pooling (Chen et al. 2017, 2018)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1
+) -> nn.Sequential:
+    """Convolution (no bias: BatchNorm follows), BatchNorm, ReLU; 'same' padding."""
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False
+        ),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ImagePooling(nn.Module):
+    """The ASPP's image-level branch: global average, 1×1 conv, broadcast back to the grid."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.project = conv_bn_relu(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.project(F.adaptive_avg_pool2d(x, 1))  # (N, C, 1, 1)
+        return pooled.expand(-1, -1, x.shape[-2], x.shape[-1])
+
+
+class ASPP(nn.Module):
+    """A 1×1 branch, one 3×3 atrous branch per rate, and image pooling; concatenated, projected.
+
+    Input ``(N, in_channels, h, w)``; output ``(N, out_channels, h, w)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        rates: tuple[int, ...] = (6, 12, 18),
+        out_channels: int = 256,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, out_channels, kernel_size=1)]
+            + [
+                conv_bn_relu(in_channels, out_channels, kernel_size=3, dilation=rate)
+                for rate in rates
+            ]
+            + [ImagePooling(in_channels, out_channels)]
+        )
+        branch_count = len(self.branches)
+        self.project = nn.Sequential(
+            conv_bn_relu(branch_count * out_channels, out_channels, kernel_size=1),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pyramid = torch.cat([branch(x) for branch in self.branches], dim=1)  # (N, 5·256, h, w)
+        return self.project(pyramid)

@@ -1,0 +1,173 @@
+"""ResNet backbones from torchvision, cut and dilated for DeepLabv3+.
+
+Two cuts of the same torchvision ResNet:
+
+- ``variant="seed"``: the specification's network. Layers 1-3 only; the deep features are
+  layer 3's output (1024 channels for ResNet-50) at stride 16, the low-level features are
+  layer 1's (256 channels) at stride 4. Layer 4 is not built at all.
+- ``variant="paper"``: Chen et al. 2018. The full backbone; the last stage (or the last two for
+  output stride 8) trades its stride for dilation so the deep features stay at stride 16 (or 8).
+
+The backbone returns ``{"low_level": ..., "deep": ...}`` so the rest of the model never needs
+to know which ResNet or which cut it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from medseg.errors import MedsegError
+
+# name -> (builder, ImageNet weights enum, channels of layer 1, 3 and 4)
+RESNETS = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, (64, 256, 512)),
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, (64, 256, 512)),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, (256, 1024, 2048)),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2, (256, 1024, 2048)),
+}
+VARIANTS = ("seed", "paper")
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet that returns low-level (stride 4) and deep (stride 8/16) features.
+
+    Input ``(N, 3, H, W)``; output ``{"low_level": (N, C_low, H/4, W/4),
+    "deep": (N, C_deep, H/os, W/os)}`` (sizes rounded up, as the strided convolutions do).
+    """
+
+    def __init__(
+        self, resnet: models.ResNet, *, use_layer4: bool, low_channels: int, deep_channels: int
+    ):
+        super().__init__()
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4 if use_layer4 else None
+        self.low_level_channels = low_channels
+        self.deep_channels = deep_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        low_level = self.layer1(self.stem(x))  # stride 4
+        deep = self.layer3(self.layer2(low_level))  # stride 16 (8 when layer 3 is dilated)
+        if self.layer4 is not None:
+            deep = self.layer4(deep)  # dilated: keeps layer 3's stride
+        return {"low_level": low_level, "deep": deep}
+
+
+def build_backbone(
+    *,
+    name: str = "resnet50",
+    variant: str = "seed",
+    output_stride: int = 16,
+    pretrained: bool | str | os.PathLike = False,
+) -> ResNetBackbone:
+    """Build a ResNet backbone cut for DeepLabv3+.
+
+    ``pretrained``: False (random init), True (torchvision's ImageNet weights, from its cache or
+    downloaded), or a path to a local ResNet state dict.
+    """
+    if name not in RESNETS:
+        raise MedsegError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
+    if variant not in VARIANTS:
+        raise MedsegError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    valid_strides = (16,) if variant == "seed" else (8, 16)
+    if output_stride not in valid_strides:
+        raise MedsegError(
+            f"output_stride={output_stride} is not available for variant {variant!r}; "
+            f"choose one of {', '.join(map(str, valid_strides))}"
+        )
+    builder, weights, (low_channels, layer3_channels, layer4_channels) = RESNETS[name]
+    resnet = builder(weights=None)
+    if pretrained:
+        _load_pretrained(resnet, name, weights, pretrained)
+
+    if variant == "paper":
+        _dilate(resnet.layer4, dilation=2 if output_stride == 16 else 4)
+        if output_stride == 8:
+            _dilate(resnet.layer3, dilation=2)
+    deep_channels = layer4_channels if variant == "paper" else layer3_channels
+    return ResNetBackbone(
+        resnet,
+        use_layer4=variant == "paper",
+        low_channels=low_channels,
+        deep_channels=deep_channels,
+    )
+
+
+def _dilate(stage: nn.Sequential, *, dilation: int) -> None:
+    """Turn a strided ResNet stage into an atrous one: stride 1, 3×3 convolutions dilated.
+
+    Works for Bottleneck and BasicBlock alike (torchvision's own `replace_stride_with_dilation`
+    refuses BasicBlock, so resnet18/34 could not have the paper's variant otherwise).
+    """
+    for module in stage.modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        module.stride = (1, 1)
+        if module.kernel_size == (3, 3):
+            module.dilation = (dilation, dilation)
+            module.padding = (dilation, dilation)
+
+
+def _load_pretrained(
+    resnet: models.ResNet,
+    name: str,
+    weights: models.WeightsEnum,
+    pretrained: bool | str | os.PathLike,
+) -> None:
+    state = (
+        _download_imagenet(name, weights)
+        if pretrained is True
+        else _load_local_weights(Path(pretrained))
+    )
+    # The classifier is not part of any backbone; a state dict with or without it is fine.
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    try:
+        missing, _ = resnet.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes differ: weights of another network
+        raise MedsegError(
+            f"the weights do not fit a {name} backbone: {str(error).splitlines()[1].strip()}"
+        ) from error
+    missing = [key for key in missing if not key.startswith("fc.")]
+    if missing:
+        raise MedsegError(
+            f"the weights do not fit a {name} backbone: {len(missing)} tensors missing, "
+            f"first {missing[0]!r}; pass ImageNet weights of a torchvision {name}"
+        )
+
+
+def _download_imagenet(name: str, weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise MedsegError(
+            f"ImageNet weights for {name} are not in torch's cache ({cache}) and could not be "
+            f"downloaded ({type(error).__name__}); either pass a local file with "
+            f"--pretrained PATH.pth, or train from scratch with --no-pretrained"
+        ) from error
+
+
+def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise MedsegError(f"pretrained weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means: not a plain state dict
+        raise MedsegError(
+            f"cannot read pretrained weights {path}: not a plain PyTorch state dict ({error})"
+        ) from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise MedsegError(
+            f"pretrained weights {path} hold a {type(state).__name__}, not a state dict"
+        )
+    return state
