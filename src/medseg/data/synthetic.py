@@ -8,6 +8,7 @@ lesion are drawn over it but are not part of the mask, as in the ISIC ground tru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -57,6 +58,7 @@ def make_synthetic_dataset(
     Images are `size`x`size` RGB JPEG (quality 90); masks are 0/255 PNG. Ids run `SYN_0000`,
     `SYN_0001`, ... through train then test, so they are unique across splits. The same `seed`
     gives the same files, and sample `i` does not depend on how many samples are asked for.
+    Files of the same name are replaced; other files under `root` are left alone.
     """
     if n_train < 1 or n_test < 0:
         raise MedsegError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}")
@@ -100,7 +102,7 @@ def _write_pair(folder: Path, sample_id: str, image: np.ndarray, mask: np.ndarra
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
     """Band-limited noise of unit spread: a `cells` x `cells` random grid upsampled bicubically."""
     grid = rng.standard_normal((cells + 3, cells + 3, channels)).astype(np.float32)
-    # The extra border cells and the crop hide the grid's edge effects of the interpolation.
+    # The crop drops the outer cells, where bicubic interpolation has edge effects.
     step = size / cells
     big = cv2.resize(grid, (round(step * (cells + 3)),) * 2, interpolation=cv2.INTER_CUBIC)
     offset = round(step * 1.5)
@@ -123,7 +125,7 @@ def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + drift + 7.0 * grain[..., None]
 
 
-def _lesion_radius(rng: np.random.Generator, size: int):
+def _lesion_radius(rng: np.random.Generator, size: int) -> Callable[[np.ndarray], np.ndarray]:
     """A random star-shaped outline as a function r(theta), scaled to a random area."""
     k = np.arange(2, 11)
     amplitude = rng.uniform(0.0, 0.35, k.size) / k
@@ -132,7 +134,7 @@ def _lesion_radius(rng: np.random.Generator, size: int):
     # Area of r0 * (1 + sum a_k cos(k t + p_k)) is pi r0^2 (1 + sum a_k^2 / 2).
     r0 = size * np.sqrt(fraction / (np.pi * (1.0 + 0.5 * np.sum(amplitude**2))))
     # Big lesions must stay inside the frame, so they get a rounder outline.
-    amplitude *= min(1.0, (0.48 * size / r0 - 1.0) / amplitude.sum())
+    amplitude *= min(1.0, (0.48 * size / r0 - 1.0) / max(amplitude.sum(), 1e-6))
     r0 = size * np.sqrt(fraction / (np.pi * (1.0 + 0.5 * np.sum(amplitude**2))))
 
     def radius(theta: np.ndarray) -> np.ndarray:
@@ -154,7 +156,7 @@ def _lesion(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray)
     cx = rng.uniform(-bx.min() + 1, size - 2 - bx.max())
     cy = rng.uniform(-by.min() + 1, size - 2 - by.max())
     dx, dy = xx - cx, yy - cy
-    # Sampling the outline once and interpolating is ten times faster than per-pixel cosines.
+    # A table of the outline, interpolated, is much cheaper than nine cosines per pixel.
     table = np.linspace(-np.pi, np.pi, 2049)
     outline = np.interp(np.arctan2(dy, dx), table, radius(table)).astype(np.float32)
     depth = 1.0 - np.hypot(dx, dy) / outline
@@ -229,9 +231,8 @@ def _hair_curve(rng: np.random.Generator, middle: np.ndarray, size: int) -> np.n
     half_length = rng.uniform(0.2, 0.7) * size
     bend = rng.normal(0.0, 0.15) * half_length
     start, end = middle - half_length * along, middle + half_length * along
-    # The curve passes through `middle` at t = 0.5 and bows sideways by `bend`.
-    control = middle + bend * across
-    control = 2.0 * control - 0.5 * (start + end)
+    # This control point makes the curve pass through `middle + bend * across` at t = 0.5.
+    control = 2.0 * (middle + bend * across) - 0.5 * (start + end)
     t = np.linspace(0.0, 1.0, 40)[:, None]
     curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
     return np.round(curve * 16).astype(np.int32)

@@ -1,0 +1,137 @@
+"""Tests for overlays, prediction figures and training curves."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.errors import MedsegError
+from medseg.visualize import (
+    overlay,
+    plot_training_curves,
+    read_metrics_csv,
+    save_prediction_figure,
+)
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def mask():
+    mask = np.zeros((64, 80), bool)
+    mask[20:40, 30:50] = True
+    return mask
+
+
+def _png_size(path):
+    assert path.stat().st_size > 0
+    with Image.open(path) as picture:
+        picture.verify()
+        assert picture.format == "PNG"
+        return picture.size
+
+
+def test_overlay_keeps_shape_and_type_and_input(image, mask):
+    original = image.copy()
+    result = overlay(image, mask)
+    assert result.shape == image.shape and result.dtype == np.uint8
+    np.testing.assert_array_equal(image, original)
+
+
+def test_overlay_changes_only_pixels_on_or_near_the_mask(image, mask):
+    result = overlay(image, mask, color=(0, 255, 0), alpha=0.5, contour_color=(255, 0, 0))
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    np.testing.assert_array_equal(result[~near], image[~near])
+    inside = mask.copy()
+    inside[[20, 39], :] = inside[:, [30, 49]] = False  # leave out the outline
+    expected = np.rint(0.5 * image[inside] + 0.5 * np.array([0, 255, 0]))
+    np.testing.assert_allclose(result[inside], expected, atol=1)
+    assert (result[20, 30:50] == [255, 0, 0]).all()  # the top edge is outlined
+
+
+def test_overlay_without_contour_or_alpha_is_identity(image, mask):
+    np.testing.assert_array_equal(overlay(image, mask, alpha=0.0, contour=False), image)
+
+
+def test_overlay_accepts_255_and_probability_masks(image, mask):
+    expected = overlay(image, mask)
+    np.testing.assert_array_equal(overlay(image, mask.astype(np.uint8) * 255), expected)
+    np.testing.assert_array_equal(overlay(image, mask * 0.8 + 0.1), expected)
+
+
+def test_overlay_refuses_a_mask_of_another_size(image):
+    with pytest.raises(ValueError, match="resize"):
+        overlay(image, np.zeros((10, 10), bool))
+
+
+def test_prediction_figure_has_four_panels_with_truth_and_three_without(tmp_path, image, mask):
+    shifted = np.roll(mask, 5, axis=1)
+    four = save_prediction_figure(tmp_path / "four.png", image, mask, shifted, title="case 1")
+    three = save_prediction_figure(tmp_path / "three.png", image, None, shifted)
+    four_width, four_height = _png_size(four)
+    three_width, three_height = _png_size(three)
+    assert four_width > three_width and four_height == three_height
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four.png", "three.png"]
+
+
+def test_prediction_figure_refuses_unknown_suffix(tmp_path, image, mask):
+    with pytest.raises(MedsegError, match="suffix"):
+        save_prediction_figure(tmp_path / "figure.xyz", image, mask, mask)
+    assert not any(tmp_path.iterdir())
+
+
+def _write_metrics(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_training_curves_from_csv_strings(tmp_path):
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.2 / e,
+            "val_dice": 1 - 1 / (e + 1),
+            "val_iou": "" if e == 2 else 0.9 - 1 / (e + 1),
+        }
+        for e in range(1, 6)
+    ]
+    _write_metrics(tmp_path / "metrics.csv", rows)
+    read = read_metrics_csv(tmp_path / "metrics.csv")
+    assert read[1] == {
+        "epoch": "2",
+        "train_loss": "0.5",
+        "val_loss": "0.6",
+        "val_dice": str(1 - 1 / 3),
+        "val_iou": "",
+    }
+    path = plot_training_curves(read, tmp_path / "curves.png")
+    assert path == tmp_path / "curves.png"
+    assert _png_size(path)[0] > 0
+    # The strings were parsed: the same rows with every value blank draw a different picture.
+    blank = [{key: ("" if key != "epoch" else value) for key, value in row.items()} for row in read]
+    empty = plot_training_curves(blank, tmp_path / "empty.png")
+    assert not np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(empty)))
+
+
+def test_training_curves_tolerate_missing_columns(tmp_path):
+    rows = [{"epoch": "1", "train_loss": "0.7"}, {"train_loss": "0.5", "note": "x"}]
+    assert _png_size(plot_training_curves(rows, tmp_path / "curves.png"))[0] > 0
+
+
+def test_training_curves_need_rows(tmp_path):
+    with pytest.raises(MedsegError, match="at least one epoch"):
+        plot_training_curves([], tmp_path / "curves.png")
+
+
+def test_read_metrics_csv_reports_missing_file(tmp_path):
+    with pytest.raises(MedsegError, match="metrics file"):
+        read_metrics_csv(tmp_path / "nope.csv")
