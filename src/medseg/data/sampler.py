@@ -27,6 +27,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        even: bool = True,
     ):
         self.length = length
         self.seed = seed
@@ -34,12 +35,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.even = even  # pad (or drop) so ranks get equal shares; False for evaluation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if not self.even:
+            return len(range(self.rank, self.length, self.world_size))
         if self.drop_last:
             return self.length // self.world_size
         return math.ceil(self.length / self.world_size)
@@ -48,9 +52,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
         item_seeds = rng.integers(0, 2**31 - 1, size=self.length)
-        per_rank = len(self)
-        if not self.drop_last:  # pad by wrapping so every rank gets the same number of items
-            order = np.resize(order, per_rank * self.world_size)
-        mine = order[self.rank : per_rank * self.world_size : self.world_size]
+        if self.even:  # pad by wrapping (or drop) so every rank gets the same number of items
+            order = np.resize(order, len(self) * self.world_size)
+        mine = order[self.rank :: self.world_size]
         for index in mine.tolist():
             yield index, int(item_seeds[index])
