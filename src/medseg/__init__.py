@@ -1,1 +1,27 @@
-"""medseg."""
+"""medseg: DeepLabv3+ for binary medical image segmentation.
+
+The command line (``medseg train|evaluate|predict|visualize|prepare|demo``) and this API do the
+same things; see README.md.
+"""
+
+from medseg.api import demo, evaluate, predict, prepare_data, train, visualize
+from medseg.config import Config, build_config
+from medseg.errors import MedsegError
+from medseg.inference import Predictor
+from medseg.model import DeepLabV3Plus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "DeepLabV3Plus",
+    "MedsegError",
+    "Predictor",
+    "build_config",
+    "demo",
+    "evaluate",
+    "predict",
+    "prepare_data",
+    "train",
+    "visualize",
+]

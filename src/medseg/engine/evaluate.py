@@ -1,13 +1,35 @@
-"""Validation during training: loss and confusion counts over a DataLoader."""
+"""Evaluation: validation during training, and scoring a checkpoint on a folder of pairs."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
+from medseg.data.io import read_image, read_mask
 from medseg.engine.runtime import Precision
-from medseg.metrics import MetricAccumulator
+from medseg.errors import MedsegError
+from medseg.files import write_text
+from medseg.metrics import (
+    MetricAccumulator,
+    average_surface_distance,
+    confusion_counts,
+    hausdorff95,
+    pixel_accuracy,
+    sensitivity,
+    specificity,
+    thresholded_jaccard,
+)
+from medseg.metrics import dice as metric_dice
+from medseg.metrics import iou as metric_iou
 
 
 @torch.no_grad()
@@ -37,3 +59,157 @@ def evaluate_loader(
         batches += 1
         metrics.update(torch.sigmoid(logits) > threshold, masks > 0.5)
     return total_loss / max(batches, 1), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a checkpoint on a folder of pairs, at the masks' own resolution.
+
+PER_IMAGE_COLUMNS = (
+    "id",
+    "dice",
+    "iou",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "hd95",
+    "assd",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+)
+
+
+def evaluate_folder(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    tta: str = "none",
+    postprocess: bool = False,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a checkpoint on ``data`` (a split folder, or a root whose test/ is used).
+
+    Predictions are made at each image's own size and compared with its mask there. Writes
+    ``per_image.csv`` and ``summary.json`` into ``out`` and returns the summary.
+    """
+    from medseg.inference import Predictor  # here: inference builds on the engine, not the reverse
+
+    out = Path(out)
+    if (out / "summary.json").exists() and not overwrite:
+        raise MedsegError(
+            f"{out} already holds an evaluation (summary.json); choose another --out or pass --overwrite"
+        )
+    folder = resolve_split_folder(data, preferred="test")
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=device, tta=tta, postprocess=postprocess
+    )
+    pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
+    rows = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", disable=not progress):
+        chunk = pairs[start : start + batch_size]
+        images, masks = _read_pairs(chunk)
+        for sample, mask, prediction in zip(chunk, masks, predictor.masks(images), strict=True):
+            rows.append(score_pair(sample.id, prediction, mask))
+    summary = summarize(rows)
+    summary.update(
+        {"checkpoint": str(checkpoint), "data": str(folder), "tta": tta, "postprocess": postprocess}
+    )
+    _write_rows(out / "per_image.csv", rows)
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def score_pair(sample_id: str, prediction: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Every per-image number for one bool prediction against its bool ground truth."""
+    counts = confusion_counts(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])
+    tp, fp, fn, tn = (int(value) for value in counts[0])
+    return {
+        "id": sample_id,
+        "dice": float(metric_dice(counts)[0]),
+        "iou": float(metric_iou(counts)[0]),
+        "accuracy": float(pixel_accuracy(counts)[0]),
+        "sensitivity": float(sensitivity(counts)[0]),
+        "specificity": float(specificity(counts)[0]),
+        "hd95": hausdorff95(prediction, truth),
+        "assd": average_surface_distance(prediction, truth),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+
+
+def summarize(rows: list[dict[str, Any]], *, worst: int = 5) -> dict[str, Any]:
+    """Means and medians over images, pooled Dice/IoU, the ISIC thresholded Jaccard, worst cases."""
+    column = {
+        name: np.array([row[name] for row in rows], dtype=np.float64)
+        for name in PER_IMAGE_COLUMNS[1:]
+    }
+    pooled = torch.tensor(
+        [[column[name].sum() for name in ("tp", "fp", "fn", "tn")]], dtype=torch.int64
+    )
+    summary: dict[str, Any] = {"images": len(rows)}
+    for name in ("dice", "iou", "accuracy", "sensitivity", "specificity", "hd95", "assd"):
+        summary[name] = float(column[name].mean())
+        summary[f"{name}_median"] = float(np.median(column[name]))
+    summary["dice_pooled"] = float(metric_dice(pooled)[0])
+    summary["iou_pooled"] = float(metric_iou(pooled)[0])
+    summary["thresholded_jaccard"] = thresholded_jaccard(column["iou"])
+    order = np.argsort(column["dice"])[:worst]
+    summary["worst"] = [{"id": rows[i]["id"], "dice": rows[i]["dice"]} for i in order]
+    return summary
+
+
+SUMMARY_TABLE = (
+    ("Dice (mean over images)", "dice"),
+    ("Dice (median)", "dice_median"),
+    ("Dice (pooled)", "dice_pooled"),
+    ("Jaccard / IoU (mean)", "iou"),
+    ("Jaccard (median)", "iou_median"),
+    ("Thresholded Jaccard (ISIC 2018, <0.65 → 0)", "thresholded_jaccard"),
+    ("Pixel accuracy (mean)", "accuracy"),
+    ("Sensitivity (mean)", "sensitivity"),
+    ("Specificity (mean)", "specificity"),
+    ("HD95, pixels (mean)", "hd95"),
+    ("ASSD, pixels (mean)", "assd"),
+)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of a summary, as printed by ``medseg evaluate``."""
+    width = max(len(label) for label, _ in SUMMARY_TABLE)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in SUMMARY_TABLE]
+    worst = ", ".join(f"{case['id']} ({case['dice']:.3f})" for case in summary["worst"])
+    lines.append(f"{summary['images']} images; lowest Dice: {worst}")
+    return "\n".join(lines)
+
+
+def _read_pairs(samples: list[Sample]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    images, masks = [], []
+    for sample in samples:
+        image, mask = read_image(sample.image), read_mask(sample.mask)
+        if image.shape[:2] != mask.shape:
+            check_pair(sample)
+        images.append(image)
+        masks.append(mask)
+    return images, masks
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                key: (f"{value:.6g}" if isinstance(value, float) else value)
+                for key, value in row.items()
+            }
+        )
+    write_text(path, buffer.getvalue())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def fit(
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
+        write_text(out_dir / "run.json", json.dumps({"data": str(Path(data_root).resolve())}))
         _announce(config, device, precision, train_loader, val_loader, ranks)
 
     for epoch in range(start_epoch, settings.epochs + 1):

@@ -1,0 +1,154 @@
+"""The Python API: the same operations as the command line, for notebooks and scripts.
+
+import medseg
+medseg.train(data="isic2017", out="runs/first", overrides={"train.epochs": 5})
+summary = medseg.evaluate(checkpoint="runs/first", data="isic2017/test", out="runs/first/eval")
+medseg.predict(checkpoint="runs/first", source="new_images/", output="masks/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medseg.config import Config, build_config
+from medseg.data.cache import prepare
+from medseg.data.folder import SPLIT_NAMES, find_pairs, find_split, resolve_split_folder
+from medseg.data.io import read_image, read_mask
+from medseg.engine.evaluate import evaluate_folder, format_summary, score_pair
+from medseg.engine.train import fit
+from medseg.errors import MedsegError
+from medseg.inference import PredictionReport, Predictor
+from medseg.inference import predict as predict_files
+from medseg.visualize import save_prediction_figure
+
+
+def train(
+    *,
+    data: str | Path,
+    out: str | Path,
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    config: Config | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train on ``data`` (a root with train/) into the run folder ``out``; returns a summary."""
+    if config is None and not resume:
+        config = build_config(preset=preset, config_file=config_file, overrides=overrides)
+    return fit(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def evaluate(
+    *, checkpoint: str | Path, data: str | Path, out: str | Path, **options
+) -> dict[str, Any]:
+    """Score a checkpoint on a folder of pairs; see `medseg.engine.evaluate.evaluate_folder`."""
+    return evaluate_folder(checkpoint, data, out, **options)
+
+
+def predict(
+    *, checkpoint: str | Path, source: str | Path, output: str | Path, **options
+) -> PredictionReport:
+    """Segment images into 0/255 masks at their own size; see `medseg.inference.predict`."""
+    return predict_files(checkpoint, source, output, **options)
+
+
+def visualize(
+    *,
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    num_samples: int = 8,
+    tta: str = "none",
+    postprocess: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> list[Path]:
+    """The seed's figure for the first ``num_samples`` pairs: image, truth, prediction, overlay."""
+    out = Path(out)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=device, tta=tta, postprocess=postprocess
+    )
+    pairs = find_pairs(resolve_split_folder(data), mask_suffix=predictor.config.data.mask_suffix)
+    paths = []
+    for sample in pairs[:num_samples]:
+        path = out / f"{sample.id}_prediction.png"
+        if path.exists() and not overwrite:
+            raise MedsegError(
+                f"{path} exists from an earlier run; choose another --out or pass --overwrite"
+            )
+        image, truth = read_image(sample.image), read_mask(sample.mask)
+        prediction = predictor.masks([image])[0]
+        score = score_pair(sample.id, prediction, truth)
+        title = f"{sample.id}: Dice {score['dice']:.3f}, IoU {score['iou']:.3f}"
+        paths.append(save_prediction_figure(path, image, truth, prediction, title=title))
+    return paths
+
+
+def prepare_data(
+    data: str | Path, *, size: int = 256, mask_suffix: str = "_segmentation", skip_bad: bool = False
+) -> list[tuple[Path, int, list[str]]]:
+    """Fill the training cache for every split of a data root (or one split folder)."""
+    root = Path(data)
+    folders = (
+        [find_split(root, split) for split in SPLIT_NAMES]
+        if not (root / "images").is_dir()
+        else [root]
+    )
+    folders = [folder for folder in folders if folder is not None] or [resolve_split_folder(root)]
+    results = []
+    for folder in folders:
+        cache = prepare(find_pairs(folder, mask_suffix=mask_suffix), size=size, skip_bad=skip_bad)
+        results.append((folder, len(cache.samples), cache.bad))
+    return results
+
+
+DEMO_SETTINGS = {
+    # Small enough to train in a few minutes on two CPU cores, big enough to learn real shapes.
+    "data.image_size": 128,
+    "model.pretrained": False,
+    "train.epochs": 12,
+    "train.warmup_epochs": 1.0,
+}
+
+
+def demo(
+    *,
+    out: str | Path = "medseg-demo",
+    epochs: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate synthetic dermoscopy-like data, train, evaluate and draw figures, all offline."""
+    from medseg.data.synthetic import make_synthetic_dataset
+
+    out = Path(out)
+    print(
+        "medseg demo: the images are SYNTHETIC (generated lesions on generated skin), made here so "
+        "the demo needs no data and no network. Its numbers say nothing about real lesions."
+    )
+    data = make_synthetic_dataset(out / "synthetic-data", n_train=160, n_test=40, size=128, seed=0)
+    overrides = dict(DEMO_SETTINGS, **({"train.epochs": epochs} if epochs else {}))
+    run = out / "run"
+    result = train(data=data, out=run, overrides=overrides, overwrite=overwrite, progress=progress)
+    summary = evaluate(
+        checkpoint=run,
+        data=data / "test",
+        out=run / "evaluation-test",
+        overwrite=True,
+        progress=progress,
+    )
+    figures = visualize(
+        checkpoint=run, data=data / "test", out=run / "figures", num_samples=6, overwrite=True
+    )
+    print(format_summary(summary))
+    print(
+        f"demo finished: test Dice {summary['dice']:.4f} on {summary['images']} synthetic images; "
+        f"run folder {run} (metrics.csv, curves.png, checkpoints/, evaluation-test/, {len(figures)} figures in figures/)"
+    )
+    return {"train": result, "test": summary}
+
+
+__all__ = ["demo", "evaluate", "predict", "prepare_data", "train", "visualize"]

@@ -1,0 +1,341 @@
+"""The ``medseg`` command: train, evaluate, predict, visualize, prepare, demo.
+
+``main(argv)`` returns the exit status, so tests call it directly. A MedsegError (the user's
+input) prints one line and exits with 2; Ctrl-C exits with 130 after what was finished is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except MedsegError as error:
+        print(f"medseg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "medseg: interrupted; finished epochs and files are saved (resume with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg", description="DeepLabv3+ for binary medical image segmentation."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_visualize(commands)
+    _add_prepare(commands)
+    _add_demo(commands)
+    return parser
+
+
+# --- train ----------------------------------------------------------------------------------
+
+# flag -> (config key, type, help)
+TRAIN_FLAGS = {
+    "--epochs": ("train.epochs", int, "number of epochs"),
+    "--batch-size": ("train.batch_size", int, "images per step"),
+    "--lr": ("train.lr", float, "peak learning rate"),
+    "--weight-decay": ("train.weight_decay", float, "weight decay"),
+    "--loss": ("train.loss", str, "dice_bce, dice, iou, focal, dice_focal"),
+    "--precision": ("train.precision", str, "auto, bf16, fp16, fp32"),
+    "--freeze-backbone-epochs": (
+        "train.freeze_backbone_epochs",
+        int,
+        "warm-up epochs with a frozen backbone",
+    ),
+    "--patience": ("train.patience", int, "early stopping patience in epochs (0: off)"),
+    "--seed": ("train.seed", int, "random seed"),
+    "--device": ("train.device", str, "auto, cpu, cuda, cuda:N"),
+    "--image-size": ("data.image_size", int, "side of the square network input"),
+    "--augment": ("data.augment", str, "default, seed, none"),
+    "--num-workers": ("data.num_workers", int, "DataLoader worker processes"),
+    "--backbone": ("model.backbone", str, "resnet18, resnet34, resnet50, resnet101"),
+    "--variant": ("model.variant", str, "seed (layers 1-3) or paper (Chen et al. 2018)"),
+    "--output-stride": ("model.output_stride", int, "16, or 8 for the paper variant"),
+}
+
+
+def _add_train(commands) -> None:
+    parser = commands.add_parser("train", help="train a model on a data root")
+    parser.add_argument("--data", help="data root with train/ (and optionally val/, test/)")
+    parser.add_argument("--out", help="run folder to create")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch"
+    )
+    parser.add_argument("--config", help="YAML file with data/model/train sections")
+    parser.add_argument(
+        "--preset", default="default", help="default (tuned recipe) or seed (the specification's)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
+        parser.add_argument(flag, type=kind, help=help_text)
+    parser.add_argument(
+        "--pretrained", metavar="PATH", help="local ImageNet ResNet state dict (.pth)"
+    )
+    parser.add_argument(
+        "--no-pretrained", action="store_true", help="train from scratch (no ImageNet weights)"
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms and seeds"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="leave out unreadable pairs instead of stopping"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. train.warmup_epochs=2",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> int:
+    from medseg.api import train
+
+    if args.resume:
+        summary = train(
+            data=args.data or _data_of_run(args.resume),
+            out=args.resume,
+            resume=True,
+            progress=not args.quiet,
+        )
+    else:
+        if not args.data or not args.out:
+            raise MedsegError(
+                "medseg train needs --data DATA_ROOT and --out RUN_DIR (or --resume RUN_DIR)"
+            )
+        summary = train(
+            data=args.data,
+            out=args.out,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=_train_overrides(args),
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
+    return 0
+
+
+def _train_overrides(args) -> dict:
+    from medseg.config import parse_override
+
+    overrides = dict(parse_override(text) for text in args.set)
+    for flag, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if args.pretrained and args.no_pretrained:
+        raise MedsegError("--pretrained PATH and --no-pretrained contradict each other; pick one")
+    if args.pretrained:
+        overrides["model.pretrained"] = args.pretrained
+    if args.no_pretrained:
+        overrides["model.pretrained"] = False
+    if args.deterministic:
+        overrides["train.deterministic"] = True
+    if args.skip_bad:
+        overrides["data.skip_bad"] = True
+    return overrides
+
+
+def _data_of_run(run_dir: str) -> str:
+    summary = Path(run_dir) / "run.json"
+    if not summary.is_file():
+        raise MedsegError(
+            f"{run_dir} does not say where its data is (no run.json); pass --data as well"
+        )
+    return json.loads(summary.read_text())["data"]
+
+
+# --- evaluate, predict, visualize -------------------------------------------------------------
+
+
+def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run folder")
+    parser.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        default="none",
+        choices=("none", "flip", "d4"),
+        help="test-time augmentation (flips; d4 adds 90° turns)",
+    )
+    parser.add_argument(
+        "--postprocess",
+        action=argparse.BooleanOptionalAction,
+        default=postprocess_default,
+        help="keep the largest connected region and fill its holes",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results in the output folder"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="score a checkpoint on image/mask pairs")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a folder with images/ and masks/, or a data root (test/ is used)",
+    )
+    parser.add_argument(
+        "--out", help="folder for per_image.csv and summary.json (default: beside the checkpoint)"
+    )
+    _add_inference_flags(parser, postprocess_default=False)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from medseg.api import evaluate
+    from medseg.engine.evaluate import format_summary
+
+    out = args.out or _default_out(args.checkpoint, f"evaluation-{Path(args.data).name}")
+    summary = evaluate(
+        checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
+        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    print(format_summary(summary))
+    print(f"per-image scores and summary: {out}")
+    return 0
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="segment an image or a folder of images")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", required=True, help="folder for <id>_segmentation.png masks")
+    parser.add_argument("--probabilities", action="store_true", help="also write probability maps")
+    parser.add_argument("--overlay", action="store_true", help="also write overlays")
+    _add_inference_flags(parser, postprocess_default=False)
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from medseg.api import predict
+
+    report = predict(
+        checkpoint=args.checkpoint, source=args.input, output=args.output, batch_size=args.batch_size,
+        tta=args.tta, postprocess=args.postprocess, probabilities=args.probabilities,
+        overlays=args.overlay, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"{len(report.written)} masks written to {args.output}"
+        + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
+    )
+    for failure in report.failed:
+        print(f"medseg: could not segment: {failure}", file=sys.stderr)
+    if report.failed:
+        print(
+            f"medseg: error: {len(report.failed)} images failed (listed above); the others were written",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _add_visualize(commands) -> None:
+    parser = commands.add_parser(
+        "visualize", help="figures: image, ground truth, prediction, overlay"
+    )
+    parser.add_argument(
+        "--data", required=True, help="a folder with images/ and masks/, or a data root"
+    )
+    parser.add_argument("--out", required=True, help="folder for the figures")
+    parser.add_argument("--num-samples", type=int, default=8)
+    _add_inference_flags(parser, postprocess_default=False)
+    parser.set_defaults(handler=_run_visualize)
+
+
+def _run_visualize(args) -> int:
+    from medseg.api import visualize
+
+    paths = visualize(
+        checkpoint=args.checkpoint, data=args.data, out=args.out, num_samples=args.num_samples,
+        tta=args.tta, postprocess=args.postprocess, device=args.device, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"{len(paths)} figures written to {args.out}")
+    return 0
+
+
+def _default_out(checkpoint: str, name: str) -> Path:
+    path = Path(checkpoint)
+    run_dir = (
+        path
+        if path.is_dir()
+        else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    )
+    return run_dir / name
+
+
+# --- prepare, demo ------------------------------------------------------------------------------
+
+
+def _add_prepare(commands) -> None:
+    parser = commands.add_parser(
+        "prepare", help="decode and resize a data root once (the training cache)"
+    )
+    parser.add_argument(
+        "data", help="data root (train/, val/, test/) or a folder with images/ and masks/"
+    )
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--mask-suffix", default="_segmentation")
+    parser.add_argument("--skip-bad", action="store_true")
+    parser.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from medseg.api import prepare_data
+
+    for folder, count, bad in prepare_data(
+        args.data, size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
+    ):
+        print(
+            f"{folder}: {count} pairs cached at {args.size}×{args.size}"
+            + (f", {len(bad)} skipped" if bad else "")
+        )
+    return 0
+
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser(
+        "demo", help="train and evaluate on built-in synthetic data (no download)"
+    )
+    parser.add_argument(
+        "--out", default="medseg-demo", help="folder for the synthetic data and the run"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from medseg.api import demo
+
+    demo(out=args.out, epochs=args.epochs, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Prediction on files and folders: original resolution, batching, TTA, post-processing.
+
+``Predictor`` turns uint8 images of any size into probability maps of the same size: resize to
+the network's size, normalise, run (optionally averaging flipped and rotated views), and resize
+the probabilities back. ``predict`` writes one 0/255 PNG mask per image, atomically, skipping
+masks already written (so an interrupted folder resumes) and listing images it could not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from medseg.config import Config
+from medseg.data.folder import list_images
+from medseg.data.io import read_image
+from medseg.data.transforms import eval_transform
+from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from medseg.engine.runtime import Precision, select_device, select_precision
+from medseg.errors import MedsegError
+from medseg.files import atomic_path
+from medseg.visualize import overlay
+
+TTA_MODES = ("none", "flip", "d4")
+
+
+def tta_views(mode: str) -> list[tuple[int, bool]]:
+    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries."""
+    if mode == "none":
+        return [(0, False)]
+    if mode == "flip":
+        return [(0, False), (0, True), (2, False), (2, True)]  # id, h-flip, 180° (=h+v), v-flip
+    if mode == "d4":
+        return [(turns, flip) for turns in range(4) for flip in (False, True)]
+    raise MedsegError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a bool mask, with its holes filled.
+
+    The ISIC task defines a lesion as one contiguous region without holes.
+    """
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(largest)
+
+
+@dataclass
+class Predictor:
+    """A trained model ready to segment uint8 RGB images of any size."""
+
+    model: torch.nn.Module
+    config: Config
+    device: torch.device
+    precision: Precision
+    tta: str = "none"
+    postprocess: bool = False
+    threshold: float = field(init=False)
+
+    def __post_init__(self):
+        self.threshold = self.config.train.threshold
+        self.transform = eval_transform(self.config.data.image_size)
+        tta_views(self.tta)  # validate early
+        self.model.eval().to(self.device, memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        tta: str = "none",
+        postprocess: bool = False,
+    ) -> Predictor:
+        state = load_checkpoint(path)
+        model, config = model_from_checkpoint(state, path=path)
+        torch_device = select_device(device)
+        return cls(
+            model, config, torch_device, select_precision(precision, torch_device), tta, postprocess
+        )
+
+    @torch.no_grad()
+    def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Foreground probability maps, float32 (H, W), each at its image's own size."""
+        batch = torch.stack([self.transform(image=image)["image"] for image in images])
+        batch = batch.to(self.device, memory_format=torch.channels_last)
+        views = tta_views(self.tta)
+        total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
+        for turns, flip in views:
+            view = _orient(batch, turns, flip)
+            with self.precision.autocast(self.device):
+                logits = self.model(view)
+            total += _unorient(torch.sigmoid(logits.float()), turns, flip)
+        maps = (total / len(views))[:, 0].cpu().numpy()
+        return [
+            cv2.resize(
+                probability, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR
+            )
+            for probability, image in zip(maps, images, strict=True)
+        ]
+
+    def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Binary masks (bool, H × W) at each image's size."""
+        return [self.binarize(probability) for probability in self.probabilities(images)]
+
+    def binarize(self, probability: np.ndarray) -> np.ndarray:
+        mask = probability > self.threshold
+        return keep_largest_component(mask) if self.postprocess else mask
+
+
+def _orient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    if flip:
+        batch = batch.flip(-1)
+    return torch.rot90(batch, turns, dims=(-2, -1)) if turns else batch
+
+
+def _unorient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    if turns:
+        batch = torch.rot90(batch, -turns, dims=(-2, -1))
+    return batch.flip(-1) if flip else batch
+
+
+@dataclass
+class PredictionReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already present from an earlier run
+    failed: list[str] = field(default_factory=list)  # "file: reason"
+
+
+def mask_name(image_path: Path) -> str:
+    """``<stem>_segmentation.png``: the ISIC name; only the file's stem is used, never its folders."""
+    return f"{Path(image_path.name).stem}_segmentation.png"
+
+
+def collect_inputs(source: str | Path) -> list[Path]:
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        folder = source / "images" if (source / "images").is_dir() else source
+        images = list_images(folder)
+        if not images:
+            raise MedsegError(f"no images found in {folder}")
+        return images
+    raise MedsegError(f"input not found: {source}")
+
+
+def predict(
+    checkpoint: str | Path,
+    source: str | Path,
+    output: str | Path,
+    *,
+    batch_size: int = 16,
+    tta: str = "none",
+    postprocess: bool = False,
+    probabilities: bool = False,
+    overlays: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> PredictionReport:
+    """Segment an image file or a folder of images into ``output/<id>_segmentation.png`` (0/255).
+
+    Masks already in ``output`` are kept and skipped unless ``overwrite``: an interrupted run
+    resumes where it stopped. Unreadable images are listed in the report; the others are written.
+    """
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=device, tta=tta, postprocess=postprocess
+    )
+    output = Path(output)
+    inputs = collect_inputs(source)
+    _check_unique_names(inputs)
+    report = PredictionReport()
+    pending = []
+    for path in inputs:
+        if (output / mask_name(path)).exists() and not overwrite:
+            report.skipped.append(output / mask_name(path))
+        else:
+            pending.append(path)
+    bar = tqdm(total=len(pending), desc="predicting", disable=not progress)
+    for paths, images in _readable_batches(pending, batch_size, report):
+        for path, image, probability in zip(
+            paths, images, predictor.probabilities(images), strict=True
+        ):
+            mask = predictor.binarize(probability)
+            _save_png(output / mask_name(path), (mask * 255).astype(np.uint8))
+            if probabilities:
+                _save_png(
+                    output / f"{path.stem}_probability.png",
+                    np.round(probability * 255).astype(np.uint8),
+                )
+            if overlays:
+                _save_png(output / f"{path.stem}_overlay.png", overlay(image, mask))
+            report.written.append(output / mask_name(path))
+        bar.update(len(paths))
+    bar.close()
+    return report
+
+
+def _readable_batches(
+    paths: list[Path], batch_size: int, report: PredictionReport
+) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
+    batch_paths, batch_images = [], []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except MedsegError as error:
+            report.failed.append(str(error))
+            continue
+        batch_paths.append(path)
+        batch_images.append(image)
+        if len(batch_paths) == batch_size:
+            yield batch_paths, batch_images
+            batch_paths, batch_images = [], []
+    if batch_paths:
+        yield batch_paths, batch_images
+
+
+def _check_unique_names(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = mask_name(path)
+        if name in seen:
+            raise MedsegError(
+                f"{seen[name].name} and {path.name} would both be written as {name}; rename one"
+            )
+        seen[name] = path
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")

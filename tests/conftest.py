@@ -1,0 +1,52 @@
+"""Shared fixtures: a few real ISIC pairs or a tiny synthetic set in a temp dir; a private cache."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medseg.data.synthetic import make_synthetic_dataset
+
+# /work/shared/data/isic2017 beside the checkout: read-only, so tests copy what they need.
+ISIC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2017"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Point medseg's prepared-data cache at a temp folder, so no test writes to ~/.cache."""
+    folder = tmp_path_factory.mktemp("medseg-cache")
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def isic_root():
+    """The shared 256×256 ISIC 2017 set (read-only); the test is skipped where it is missing."""
+    if not (ISIC_ROOT / "train" / "images").is_dir():
+        pytest.skip(f"ISIC 2017 data not found at {ISIC_ROOT}")
+    return ISIC_ROOT
+
+
+def _copy_pairs(source: Path, target: Path, count: int) -> None:
+    (target / "images").mkdir(parents=True)
+    (target / "masks").mkdir(parents=True)
+    for image in sorted((source / "images").glob("*.jpg"))[:count]:
+        mask = source / "masks" / f"{image.stem}_segmentation.png"
+        # copyfile, not copy: the shared files are read-only and the copies must be writable.
+        shutil.copyfile(image, target / "images" / image.name)
+        shutil.copyfile(mask, target / "masks" / mask.name)
+
+
+@pytest.fixture
+def small_isic(isic_root, tmp_path):
+    """12 train and 4 test real pairs, copied into ``tmp_path/isic/{train,test}``."""
+    root = tmp_path / "isic"
+    _copy_pairs(isic_root / "train", root / "train", 12)
+    _copy_pairs(isic_root / "test", root / "test", 4)
+    return root
+
+
+@pytest.fixture
+def synthetic_root(tmp_path):
+    """12 train and 4 test synthetic 64×64 pairs (ids SYN_0000 ... SYN_0015)."""
+    return make_synthetic_dataset(tmp_path / "synthetic", n_train=12, n_test=4, size=64, seed=0)

@@ -1,0 +1,252 @@
+"""DeepLabv3+ for every backbone and variant: shapes, gradients, strides, freezing, weights."""
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.model import DeepLabV3Plus, build_backbone
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+CUTS = (("seed", 16), ("paper", 16), ("paper", 8))
+EVERY_MODEL = [(name, variant, stride) for name in BACKBONES for variant, stride in CUTS]
+
+# Per backbone: channels of layer 1 (low-level), layer 3 (seed's deep) and layer 4 (paper's deep).
+CHANNELS = {
+    "resnet18": (64, 256, 512),
+    "resnet34": (64, 256, 512),
+    "resnet50": (256, 1024, 2048),
+    "resnet101": (256, 1024, 2048),
+}
+
+
+def fixed_input(*shape: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(*shape, generator=generator)
+
+
+@pytest.mark.parametrize(("backbone", "variant", "output_stride"), EVERY_MODEL)
+def test_odd_input_gives_input_sized_logits_and_every_parameter_a_gradient(
+    backbone, variant, output_stride
+):
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(backbone=backbone, variant=variant, output_stride=output_stride).train()
+    # 65×97: neither side a multiple of 4, 8 or 16, so every rounding in the network is exercised.
+    height, width = (64, 64) if backbone == "resnet101" else (65, 97)
+
+    logits = model(fixed_input(2, 3, height, width))
+    logits.square().mean().backward()
+
+    assert logits.shape == (2, 1, height, width)
+    assert torch.isfinite(logits).all()
+    no_gradient = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+        and (parameter.grad is None or not parameter.grad.abs().sum() > 0)
+    ]
+    assert no_gradient == []
+    non_finite = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None and not torch.isfinite(parameter.grad).all()
+    ]
+    assert non_finite == []
+
+
+def test_resnet50_seed_keeps_a_250_by_301_input_size():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(backbone="resnet50").eval()
+    with torch.no_grad():
+        logits = model(fixed_input(1, 3, 250, 301))
+    assert logits.shape == (1, 1, 250, 301)
+    assert torch.isfinite(logits).all()
+
+
+def test_seeded_model_is_reproducible_and_eval_differs_from_train():
+    x = fixed_input(2, 3, 64, 64)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = DeepLabV3Plus(backbone="resnet18").eval()
+        with torch.no_grad():
+            outputs.append(model(x))
+    torch.manual_seed(1)
+    other_seed = DeepLabV3Plus(backbone="resnet18").eval()
+    with torch.no_grad():
+        other = other_seed(x)
+        train_output = model.train()(x)
+
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], other)
+    # Train mode normalises with batch statistics and applies dropout; eval must not.
+    assert not torch.allclose(outputs[0], train_output, atol=1e-4)
+
+
+def test_eval_output_does_not_depend_on_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(backbone="resnet18").eval()
+    x = fixed_input(2, 3, 64, 64)
+    with torch.no_grad():
+        together = model(x)
+        alone = model(x[:1])
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("backbone", "variant", "output_stride"), EVERY_MODEL)
+def test_backbone_channels_and_strides(backbone, variant, output_stride):
+    network = build_backbone(name=backbone, variant=variant, output_stride=output_stride).eval()
+    low_channels, layer3_channels, layer4_channels = CHANNELS[backbone]
+    deep_channels = layer3_channels if variant == "seed" else layer4_channels
+
+    with torch.no_grad():
+        features = network(fixed_input(1, 3, 64, 128))
+
+    assert network.low_level_channels == low_channels
+    assert network.deep_channels == deep_channels
+    assert features["low_level"].shape == (1, low_channels, 64 // 4, 128 // 4)
+    assert features["deep"].shape == (
+        1,
+        deep_channels,
+        64 // output_stride,
+        128 // output_stride,
+    )
+
+
+def test_seed_variant_does_not_build_layer4():
+    network = build_backbone(name="resnet50", variant="seed")
+    assert network.layer4 is None
+    names = {name.split(".")[0] for name, _ in network.named_parameters()}
+    assert names == {"stem", "layer1", "layer2", "layer3"}
+
+
+def test_freeze_backbone_keeps_its_weights_and_batchnorm_fixed_until_unfrozen():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(backbone="resnet18")
+    model.freeze_backbone()
+    model.train()
+
+    backbone_batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    head_batchnorms = [
+        m for part in (model.aspp, model.decoder) for m in part.modules() if isinstance(m, nn.BatchNorm2d)
+    ]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.aspp.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    assert not any(m.training for m in backbone_batchnorms)
+    assert all(m.training for m in head_batchnorms)
+
+    running_mean = model.backbone.stem[1].running_mean.clone()
+    model(fixed_input(2, 3, 64, 64)).mean().backward()
+    assert torch.equal(model.backbone.stem[1].running_mean, running_mean)
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+    model.unfreeze_backbone()
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert all(m.training for m in backbone_batchnorms)
+    model(fixed_input(2, 3, 64, 64))
+    assert not torch.equal(model.backbone.stem[1].running_mean, running_mean)
+
+
+def test_unfreeze_in_eval_mode_leaves_the_backbone_in_eval():
+    model = DeepLabV3Plus(backbone="resnet18")
+    model.freeze_backbone()
+    model.eval()
+    model.unfreeze_backbone()
+    assert not model.backbone.training
+    assert model.train().backbone.training
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; choose one of resnet18, resnet34, resnet50, resnet101"),
+        ({"variant": "deeplabv3"}, "unknown variant 'deeplabv3'; choose one of seed, paper"),
+        ({"variant": "seed", "output_stride": 8}, "choose one of 16$"),
+        ({"variant": "paper", "output_stride": 32}, "choose one of 8, 16$"),
+    ],
+)
+def test_invalid_choices_list_the_valid_ones(arguments, message):
+    with pytest.raises(MedsegError, match=message):
+        DeepLabV3Plus(**arguments)
+
+
+@pytest.fixture
+def resnet18_weights(tmp_path):
+    torch.manual_seed(123)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("variant", ["seed", "paper"])
+def test_local_pretrained_weights_are_loaded(resnet18_weights, variant):
+    path, state = resnet18_weights
+    torch.manual_seed(0)
+    network = build_backbone(name="resnet18", variant=variant, pretrained=path)
+    loaded = network.state_dict()
+
+    assert torch.equal(loaded["stem.0.weight"], state["conv1.weight"])
+    assert torch.equal(loaded["stem.1.running_var"], state["bn1.running_var"])
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_pretrained_state_dict_nested_under_state_dict_key_is_accepted(resnet18_weights, tmp_path):
+    _, state = resnet18_weights
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state}, path)
+    network = build_backbone(name="resnet18", pretrained=path)
+    assert torch.equal(network.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+
+
+def test_missing_pretrained_file_is_a_medseg_error(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(MedsegError, match="pretrained weights file not found: .*nowhere.pth"):
+        build_backbone(name="resnet18", pretrained=missing)
+
+
+def test_weights_of_a_smaller_network_are_refused(resnet18_weights):
+    path, _ = resnet18_weights
+    # resnet34 has more blocks per stage than resnet18: its extra tensors would stay random.
+    with pytest.raises(MedsegError, match=r"do not fit a resnet34 backbone: \d+ tensors missing"):
+        build_backbone(name="resnet34", pretrained=path)
+
+
+def test_weights_of_another_shape_are_refused(resnet18_weights, tmp_path):
+    _, state = resnet18_weights
+    grayscale = dict(state, **{"conv1.weight": torch.zeros(64, 1, 7, 7)})
+    path = tmp_path / "grayscale.pth"
+    torch.save(grayscale, path)
+    with pytest.raises(MedsegError, match="do not fit a resnet18 backbone: size mismatch for conv1.weight"):
+        build_backbone(name="resnet18", pretrained=path)
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(MedsegError, match="hold a Tensor, not a state dict"):
+        build_backbone(name="resnet18", pretrained=path)
+
+
+def test_imagenet_download_offline_suggests_both_ways_out(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torchvision imported the function by name, so its own reference must be replaced too.
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+
+    with pytest.raises(MedsegError) as caught:
+        build_backbone(name="resnet18", pretrained=True)
+
+    message = str(caught.value)
+    assert "--pretrained" in message
+    assert "--no-pretrained" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "URLError" in message
