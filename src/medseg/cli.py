@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,14 @@ def _add_train(commands) -> None:
         "--skip-bad", action="store_true", help="leave out unreadable pairs instead of stopping"
     )
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (uncompiled if it fails)"
+    )
+    parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm across torchrun processes (GPUs only)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -132,7 +141,8 @@ def _run_train(args) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
+        print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
     return 0
 
 
@@ -154,6 +164,10 @@ def _train_overrides(args) -> dict:
         overrides["train.deterministic"] = True
     if args.skip_bad:
         overrides["data.skip_bad"] = True
+    if args.compile:
+        overrides["train.compile"] = True
+    if args.sync_bn:
+        overrides["train.sync_bn"] = True
     return overrides
 
 

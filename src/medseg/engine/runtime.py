@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import random
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from medseg.errors import MedsegError
 
@@ -115,18 +121,137 @@ def init_distributed(device: torch.device) -> Ranks:
     return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def releases_process_group(function: Callable) -> Callable:
+    """Destroy the process group that ``function`` created (through `init_distributed`) when it
+    returns or raises; a group that existed before the call is left to whoever made it."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        existed = dist.is_available() and dist.is_initialized()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if not existed and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def main_rank_first(ranks: Ranks) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. building the data cache), the other ranks after it."""
+    if ranks.distributed and not ranks.is_main:
+        dist.barrier()
+    yield
+    if ranks.distributed and ranks.is_main:
+        dist.barrier()
+
+
+def gather_objects(value: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` on one process."""
+    if not ranks.distributed:
+        return [value]
+    gathered: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_gather_counts(counts: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Concatenate every rank's per-image confusion counts (M_r, 4) into one (M, 4) tensor."""
-    if not ranks.distributed:
-        return counts
-    gathered: list[torch.Tensor | None] = [None] * ranks.world_size
-    dist.all_gather_object(gathered, counts.cpu())
-    return torch.cat(gathered)
+    return torch.cat(gather_objects(counts.cpu(), ranks))
 
 
-def mean_across_ranks(value: float, ranks: Ranks) -> float:
-    if not ranks.distributed:
+def mean_across_ranks(value: float, ranks: Ranks, *, weight: float = 1.0) -> float:
+    """The mean of every rank's ``value``, each counted ``weight`` times (e.g. its image count).
+
+    Ranks whose weights are all 0 (nothing to average) give ``value`` back unchanged.
+    """
+    pairs = gather_objects((value, weight), ranks)
+    total = sum(weight for _, weight in pairs)
+    if total == 0:
         return value
-    gathered: list[float | None] = [None] * ranks.world_size
-    dist.all_gather_object(gathered, value)
-    return float(np.mean(gathered))
+    return float(sum(value * weight for value, weight in pairs) / total)
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module, ranks: Ranks) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, in place.
+
+    DistributedDataParallel keeps parameters identical on every rank, but each rank's BatchNorm
+    running statistics follow its own share of the data. Averaging them after each epoch gives
+    every rank, and the checkpoint rank 0 writes, the same model and statistics of all the data.
+    """
+    if not ranks.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(ranks.world_size)
+
+
+def distributed_data_parallel(
+    model: nn.Module, *, device: torch.device, find_unused_parameters: bool = False
+) -> nn.Module:
+    """Wrap ``model`` in DistributedDataParallel: gradients averaged over ranks at every step.
+
+    Buffers are synchronised once, at the start, not at every forward pass: each rank's
+    BatchNorm statistics then follow its own data until `average_buffers` joins them.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Newer torch calls the per-step broadcast `forward_sync_buffers` (`broadcast_buffers` before).
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+        **({"forward_sync_buffers": False} if new_name else {"broadcast_buffers": False}),
+    )
+
+
+def sync_batchnorm(model: nn.Module, *, device: torch.device, ranks: Ranks) -> nn.Module:
+    """Turn BatchNorm layers into SyncBatchNorm, whose batch statistics span every rank.
+
+    It pays when each rank's batch is small. One process: the model is returned unchanged.
+    """
+    if not ranks.distributed:
+        return model
+    if device.type == "cpu":
+        raise MedsegError(
+            "train.sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPUs; drop "
+            "--sync-bn (medseg averages BatchNorm statistics across ranks after every epoch)"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class CompiledOrEager(nn.Module):
+    """``torch.compile(module)`` that falls back to ``module`` itself when compiling fails.
+
+    Compiling happens at the first call (and again for new input shapes), so that is where a
+    missing C++ compiler or an unsupported operation shows up: it is reported in one line on
+    stderr and every later call runs the module uncompiled. The wrapper owns no parameters of
+    its own; save ``module``'s state dict, not the wrapper's.
+    """
+
+    def __init__(self, module: nn.Module, *, backend: str | Callable = "inductor"):
+        super().__init__()
+        self.module = module
+        # Not a registered submodule: it shares module's parameters, which must appear once.
+        object.__setattr__(self, "_compiled", torch.compile(module, backend=backend))
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as error:  # any failure to compile: run uncompiled instead
+                self.failed = True
+                cause = error  # the compiler's own complaint, under torch's wrappers
+                while (inner := getattr(cause, "inner_exception", cause.__cause__)) is not None:
+                    cause = inner
+                reason = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:200]
+                print(
+                    f"medseg: warning: torch.compile failed ({reason}); continuing uncompiled",
+                    file=sys.stderr,
+                )
+        return self.module(*args, **kwargs)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
@@ -37,14 +36,21 @@ from medseg.engine.checkpoint import (
 )
 from medseg.engine.evaluate import evaluate_loader
 from medseg.engine.runtime import (
+    CompiledOrEager,
     Precision,
     Ranks,
     all_gather_counts,
+    average_buffers,
+    distributed_data_parallel,
+    gather_objects,
     init_distributed,
+    main_rank_first,
     mean_across_ranks,
+    releases_process_group,
     seed_everything,
     select_device,
     select_precision,
+    sync_batchnorm,
 )
 from medseg.errors import MedsegError
 from medseg.files import write_text
@@ -64,6 +70,7 @@ METRIC_COLUMNS = (
 )
 
 
+@releases_process_group
 def fit(
     config: Config | None,
     data_root: str | Path,
@@ -102,6 +109,8 @@ def fit(
         config, data_root, ranks, device, progress=progress and ranks.is_main
     )
     model = build_model(config, pretrained=None if state is None else False)
+    if settings.sync_bn:
+        model = sync_batchnorm(model, device=device, ranks=ranks)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = _optimizer(model, config)
@@ -117,18 +126,24 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        # Each rank continues its own random stream (dropout) where the interruption left it.
+        rank_rng = state.get("rank_rng", [])
+        same_ranks = len(rank_rng) == ranks.world_size
+        set_rng_state(rank_rng[ranks.rank] if same_ranks else state["rng"])
         history = [dict(row) for row in state["history"]]
         best_dice, stale_epochs = state["best_dice"], state["epochs_without_improvement"]
         start_epoch = state["epoch"] + 1
 
     network = model
     if ranks.distributed:
-        network = DistributedDataParallel(
+        network = distributed_data_parallel(
             model,
-            device_ids=[device.index] if device.type == "cuda" else None,
+            device=device,
+            # A frozen backbone takes no part in the backward pass.
             find_unused_parameters=settings.freeze_backbone_epochs > 0,
         )
+    if settings.compile:
+        network = CompiledOrEager(network)
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -150,6 +165,7 @@ def fit(
             grad_clip=settings.grad_clip, channels_last=settings.channels_last,
             progress=progress and ranks.is_main,
         )  # fmt: skip
+        average_buffers(model, ranks)
         val_loss, val_metrics = evaluate_loader(
             model, val_loader, loss_fn=loss_fn, device=device, precision=precision,
             threshold=settings.threshold, channels_last=settings.channels_last,
@@ -161,7 +177,7 @@ def fit(
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": mean_across_ranks(train_loss, ranks),
-            "val_loss": mean_across_ranks(val_loss, ranks),
+            "val_loss": mean_across_ranks(val_loss, ranks, weight=len(val_metrics)),
             "val_dice": summary["dice"],
             "val_iou": summary["iou"],
             "val_accuracy": summary["accuracy"],
@@ -172,6 +188,7 @@ def fit(
         improved = row["val_dice"] > best_dice
         best_dice = max(best_dice, row["val_dice"])
         stale_epochs = 0 if improved else stale_epochs + 1
+        rank_rng = gather_objects(rng_state(), ranks)  # a collective: every rank takes part
         if ranks.is_main:
             checkpoint = {
                 "config": config.to_dict(),
@@ -187,7 +204,8 @@ def fit(
             save_checkpoint(
                 last_path,
                 {**checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state()},
+                 "scaler": scaler.state_dict(), "rng": rank_rng[0],
+                 **({"rank_rng": rank_rng} if ranks.distributed else {})},
             )  # fmt: skip
             _write_history(out_dir, history)
             _report_epoch(row, settings.epochs, improved)
@@ -249,12 +267,13 @@ def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, p
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
-    train_cache = prepare(
-        train_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
-    )
-    val_cache = prepare(
-        val_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
-    )
+    with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
+        train_cache = prepare(
+            train_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
+        )
+        val_cache = prepare(
+            val_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
+        )
     for bad in train_cache.bad + val_cache.bad:
         print(f"skipped: {bad}")
     train_set = SegmentationFolder(
