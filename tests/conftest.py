@@ -1,11 +1,19 @@
 """Shared fixtures: a few real ISIC pairs or a tiny synthetic set in a temp dir; a private cache."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from medseg.data.synthetic import make_synthetic_dataset
+
+# The 2 cores are shared with other jobs: two intra-op threads then wait on each other and run
+# several times slower than one (model tests: 70 s instead of 11 s under load). OMP_NUM_THREADS
+# set by the caller still wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 # /work/shared/data/isic2017 beside the checkout: read-only, so tests copy what they need.
 ISIC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2017"
@@ -50,3 +58,24 @@ def small_isic(isic_root, tmp_path):
 def synthetic_root(tmp_path):
     """12 train and 4 test synthetic 64×64 pairs (ids SYN_0000 ... SYN_0015)."""
     return make_synthetic_dataset(tmp_path / "synthetic", n_train=12, n_test=4, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained resnet18 checkpoint for 64×64 inputs: enough to predict, evaluate, visualize.
+
+    Shared by the whole session: copy it before changing it.
+    """
+    from medseg.config import build_config
+    from medseg.engine.checkpoint import build_model, save_checkpoint
+
+    config = build_config(
+        overrides={"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64}
+    )
+    torch.manual_seed(0)
+    model = build_model(config)
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "best.pt"
+    save_checkpoint(
+        path, {"config": config.to_dict(), "model": model.state_dict(), "epoch": 1, "metrics": {}}
+    )
+    return path

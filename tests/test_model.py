@@ -131,7 +131,10 @@ def test_freeze_backbone_keeps_its_weights_and_batchnorm_fixed_until_unfrozen():
 
     backbone_batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     head_batchnorms = [
-        m for part in (model.aspp, model.decoder) for m in part.modules() if isinstance(m, nn.BatchNorm2d)
+        m
+        for part in (model.aspp, model.decoder)
+        for m in part.modules()
+        if isinstance(m, nn.BatchNorm2d)
     ]
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.aspp.parameters())
@@ -163,7 +166,10 @@ def test_unfreeze_in_eval_mode_leaves_the_backbone_in_eval():
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"backbone": "resnet9"}, "unknown backbone 'resnet9'; choose one of resnet18, resnet34, resnet50, resnet101"),
+        (
+            {"backbone": "resnet9"},
+            "unknown backbone 'resnet9'; choose one of resnet18, resnet34, resnet50, resnet101",
+        ),
         ({"variant": "deeplabv3"}, "unknown variant 'deeplabv3'; choose one of seed, paper"),
         ({"variant": "seed", "output_stride": 8}, "choose one of 16$"),
         ({"variant": "paper", "output_stride": 32}, "choose one of 8, 16$"),
@@ -219,12 +225,21 @@ def test_weights_of_a_smaller_network_are_refused(resnet18_weights):
         build_backbone(name="resnet34", pretrained=path)
 
 
+def test_weights_of_a_bigger_network_are_refused(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(MedsegError, match="do not fit a resnet18 backbone"):
+        build_backbone(name="resnet18", pretrained=path)
+
+
 def test_weights_of_another_shape_are_refused(resnet18_weights, tmp_path):
     _, state = resnet18_weights
     grayscale = dict(state, **{"conv1.weight": torch.zeros(64, 1, 7, 7)})
     path = tmp_path / "grayscale.pth"
     torch.save(grayscale, path)
-    with pytest.raises(MedsegError, match="do not fit a resnet18 backbone: size mismatch for conv1.weight"):
+    with pytest.raises(
+        MedsegError, match="do not fit a resnet18 backbone: size mismatch for conv1.weight"
+    ):
         build_backbone(name="resnet18", pretrained=path)
 
 

@@ -1,0 +1,231 @@
+"""Checkpoints: round trip, refusals (foreign, truncated, other model, pickled code), RNG, atomicity."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.config import build_config
+from medseg.engine.checkpoint import (
+    build_model,
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from medseg.errors import MedsegError
+from medseg.files import atomic_path
+
+
+def small_config(backbone="resnet18"):
+    return build_config(overrides={"model.backbone": backbone, "model.pretrained": False})
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A resnet18 model whose BatchNorm statistics moved away from their initial values."""
+    torch.manual_seed(0)
+    config = small_config()
+    model = build_model(config).train()
+    model(torch.randn(2, 3, 64, 64))  # updates running means, so they must travel too
+    path = tmp_path / "run" / "best.pt"
+    save_checkpoint(
+        path,
+        {
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "epoch": 3,
+            "metrics": {"dice": 0.5},
+        },
+    )
+    return path, model.eval(), config
+
+
+def test_round_trip_rebuilds_the_same_model(trained):
+    path, model, config = trained
+    state = load_checkpoint(path)
+    assert state["format"] == "medseg-checkpoint"
+    assert state["epoch"] == 3
+    assert state["metrics"] == {"dice": 0.5}
+
+    torch.manual_seed(99)  # a different initialisation: only the loaded weights can match
+    rebuilt, rebuilt_config = model_from_checkpoint(state, path=path)
+    assert rebuilt_config == config
+    assert rebuilt.config["backbone"] == "resnet18"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x), atol=0, rtol=0)
+
+
+def test_run_folder_finds_its_best_checkpoint(trained):
+    path, _, _ = trained
+    assert load_checkpoint(path.parent)["epoch"] == 3
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(MedsegError, match="checkpoint not found: .*absent.pt"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_plain_state_dict_is_not_a_medseg_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(build_model(small_config()).state_dict(), path)
+    with pytest.raises(MedsegError, match="weights.pt is not a medseg checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint(trained, tmp_path):
+    path, _, _ = trained
+    cut = tmp_path / "cut.pt"
+    data = path.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MedsegError, match="cut.pt is not a readable checkpoint"):
+        load_checkpoint(cut)
+
+
+@pytest.mark.parametrize("text", ["hello", "train:\n  lr: 1\n"])
+def test_text_file_is_not_a_readable_checkpoint(tmp_path, text):
+    path = tmp_path / "notes.pt"
+    path.write_text(text)
+    with pytest.raises(MedsegError, match="notes.pt is not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_checkpoint_version_is_refused(tmp_path):
+    path = tmp_path / "future.pt"
+    save_checkpoint(path, {"version": 99})
+    with pytest.raises(MedsegError, match="newer medseg .*version 99"):
+        load_checkpoint(path)
+
+
+def test_weights_of_another_backbone_are_refused(trained):
+    path, _, _ = trained
+    state = load_checkpoint(path)
+    other = build_model(small_config("resnet34"))
+    with pytest.raises(MedsegError, match="made for another model: .* weights missing"):
+        load_weights(other, state["model"], path=path)
+
+
+def test_weights_of_another_shape_are_refused(trained):
+    path, _, _ = trained
+    weights = dict(load_checkpoint(path)["model"])
+    # Five ASPP branches of 256 channels are projected; a checkpoint with four does not fit.
+    weights["aspp.project.0.0.weight"] = torch.zeros(256, 1024, 1, 1)
+    model = build_model(small_config())
+    expected = r"another model: aspp.project.0.0.weight has shape \(256, 1024, 1, 1\), this model expects \(256, 1280, 1, 1\)"
+    with pytest.raises(MedsegError, match=expected):
+        load_weights(model, weights, path=path)
+
+
+def test_checkpoint_with_another_config_fails_to_load_into_it(trained):
+    path, _, _ = trained
+    state = load_checkpoint(path)
+    state["config"]["model"]["backbone"] = "resnet34"
+    with pytest.raises(MedsegError, match="made for another model"):
+        model_from_checkpoint(state, path=path)
+
+
+class _Payload:
+    """Unpickling this (with full pickle) creates `marker`: it stands for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "medseg-checkpoint", "version": 1, "payload": _Payload(marker)}, path)
+
+    with pytest.raises(MedsegError, match="evil.pt was refused: .*may carry code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+    # The payload is real: full unpickling does run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_rng_state_restores_python_numpy_and_torch():
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    random.gauss(0, 1)  # leaves a cached second Gaussian in Python's state
+    state = rng_state()
+    first = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+
+    random.random(), np.random.rand(), torch.rand(1)  # move every stream on
+    set_rng_state(state)
+    second = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+
+    assert first[:3] == second[:3]
+    assert torch.equal(first[3], second[3])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="source bug: rng_state drops NumPy's cached Gaussian (get_state()[3:5]); remove this "
+    "marker once fixed",
+)
+def test_rng_state_restores_numpys_cached_gaussian():
+    np.random.seed(2)
+    np.random.randn()  # the legacy generator makes Gaussians in pairs and caches the second
+    state = rng_state()
+    expected = np.random.randn()
+    set_rng_state(state)
+    assert np.random.randn() == expected
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    path = tmp_path / "rng.pt"
+    save_checkpoint(path, {"rng": rng_state()})
+    expected = (random.random(), np.random.randint(1 << 30), torch.randint(1 << 30, (1,)).item())
+
+    torch.manual_seed(6)
+    np.random.seed(6)
+    random.seed(6)
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (
+        random.random(),
+        np.random.randint(1 << 30),
+        torch.randint(1 << 30, (1,)).item(),
+    ) == expected
+
+
+def test_failing_write_leaves_the_earlier_file_intact(trained):
+    path, _, _ = trained
+    before = path.read_bytes()
+
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(path) as temporary:
+        temporary.write_bytes(before[:100])
+        raise RuntimeError("disk full")
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]  # no temp file left
+    assert load_checkpoint(path)["epoch"] == 3
+
+
+def test_failing_save_checkpoint_leaves_the_earlier_file_intact(trained, monkeypatch):
+    path, _, _ = trained
+    before = path.read_bytes()
+
+    def crash(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(MedsegError, match="cannot write .*best.pt: No space left on device"):
+        save_checkpoint(path, {"epoch": 4})
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
