@@ -168,11 +168,6 @@ def test_rng_state_restores_python_numpy_and_torch():
     assert torch.equal(first[3], second[3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: rng_state drops NumPy's cached Gaussian (get_state()[3:5]); remove this "
-    "marker once fixed",
-)
 def test_rng_state_restores_numpys_cached_gaussian():
     np.random.seed(2)
     np.random.randn()  # the legacy generator makes Gaussians in pairs and caches the second

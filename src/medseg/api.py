@@ -18,6 +18,7 @@ from medseg.data.io import read_image, read_mask
 from medseg.engine.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.engine.train import fit
 from medseg.errors import MedsegError
+from medseg.files import check_writable
 from medseg.inference import PredictionReport, Predictor
 from medseg.inference import predict as predict_files
 from medseg.visualize import save_prediction_figure
@@ -72,13 +73,15 @@ def visualize(
         checkpoint, device=device, tta=tta, postprocess=postprocess
     )
     pairs = find_pairs(resolve_split_folder(data), mask_suffix=predictor.config.data.mask_suffix)
+    targets = {sample: out / f"{sample.id}_prediction.png" for sample in pairs[:num_samples]}
+    earlier = [path for path in targets.values() if path.exists()]
+    if earlier and not overwrite:  # checked before the first figure, so none is half replaced
+        raise MedsegError(
+            f"{earlier[0]} exists from an earlier run; choose another --out or pass --overwrite"
+        )
+    check_writable(out)
     paths = []
-    for sample in pairs[:num_samples]:
-        path = out / f"{sample.id}_prediction.png"
-        if path.exists() and not overwrite:
-            raise MedsegError(
-                f"{path} exists from an earlier run; choose another --out or pass --overwrite"
-            )
+    for sample, path in targets.items():
         image, truth = read_image(sample.image), read_mask(sample.mask)
         prediction = predictor.masks([image])[0]
         score = score_pair(sample.id, prediction, truth)

@@ -21,14 +21,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MedsegError as error:
-        print(f"medseg: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever a library put in it
+        print(f"medseg: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "medseg: interrupted; finished epochs and files are saved (resume with --resume)",
-            file=sys.stderr,
-        )
+        print(f"medseg: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args) -> str:
+    """What an interrupted command kept, and how to go on (every write is atomic: no half files)."""
+    if args.command == "train":
+        run = args.resume or args.out
+        return (
+            f"the epochs finished so far are saved in {run}/checkpoints/last.pt; "
+            f"continue with: medseg train --resume {run}"
+        )
+    if args.command == "predict":
+        return (
+            f"the masks written so far are kept in {args.output}; run the same command again "
+            f"to segment the rest"
+        )
+    return "nothing half-written was left behind; run the same command again"
 
 
 def build_parser() -> argparse.ArgumentParser:

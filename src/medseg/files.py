@@ -9,7 +9,9 @@ which POSIX and Windows both perform atomically within one file system.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=folder
         )
     except OSError as error:
-        raise MedsegError(f"cannot write to {folder}: {error.strerror or error}") from error
+        raise MedsegError(f"cannot write to {folder}: {_reason(error)}") from error
     os.close(handle)
     temporary = Path(temporary_name)
     try:
@@ -42,10 +44,64 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temporary, target)
         _fsync_folder(folder)
     except OSError as error:
-        raise MedsegError(f"cannot write {target}: {error.strerror or error}") from error
+        raise MedsegError(
+            f"cannot write {target}: {_reason(error)} (its earlier content, if any, is kept)"
+        ) from error
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create `path` (and its parents) if needed; a one-line MedsegError names it if that fails."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MedsegError(f"cannot create the folder {folder}: {_reason(error)}") from error
+    return folder
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, creating nothing, when the folder `path` (existing or not) cannot be written.
+
+    Meant for the start of a long job, so that it does not fail only when it saves its result.
+    """
+    folder = Path(path)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MedsegError(
+            f"cannot write to {folder}: {probe} is a file, not a folder; choose another output folder"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MedsegError(
+            f"cannot write to {folder}: {probe} is not writable; choose a folder you can write to"
+        )
+
+
+# What atomic_path's temporary files look like: ".<name>.<8 random characters>.tmp<suffix>".
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; return what was removed.
+
+    Only names of atomic_path's own pattern whose suffix matches the name they stood in for
+    are touched, so a user's files are never taken for leftovers.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _PARTIAL.match(path.name)
+        if match and path.is_file() and Path(match["name"]).suffix == (match["suffix"] or ""):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -58,6 +114,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _reason(error: OSError) -> str:
+    """The cause of a failed write in words, with what to do about it."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        return f"{reason}; free some space or choose another output folder"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{reason}; choose a folder you can write to"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{reason} (a file stands where a folder is needed); choose another output folder"
+    return reason
 
 
 def _fsync_file(path: Path) -> None:

@@ -4,10 +4,14 @@
 the network's size, normalise, run (optionally averaging flipped and rotated views), and resize
 the probabilities back. ``predict`` writes one 0/255 PNG mask per image, atomically, skipping
 masks already written (so an interrupted folder resumes) and listing images it could not read.
+A record of the checkpoint and settings in the output folder (``.medseg-predict.json``) makes
+sure that a resumed run only keeps masks made the same way; other earlier results are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +27,10 @@ from medseg.config import Config
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.data.transforms import eval_transform
-from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import Precision, select_device, select_precision
 from medseg.errors import MedsegError
-from medseg.files import atomic_path
+from medseg.files import atomic_path, check_writable, remove_partial_files, write_text
 from medseg.visualize import overlay
 
 TTA_MODES = ("none", "flip", "d4")
@@ -144,6 +148,16 @@ def mask_name(image_path: Path) -> str:
     return f"{Path(image_path.name).stem}_segmentation.png"
 
 
+def output_names(image_path: Path, *, probabilities: bool, overlays: bool) -> list[str]:
+    """Every file predict writes for one image, the mask last (its presence means: done)."""
+    stem = Path(image_path.name).stem
+    extras = [f"{stem}_probability.png"] * probabilities + [f"{stem}_overlay.png"] * overlays
+    return [*extras, mask_name(image_path)]
+
+
+RECORD_NAME = ".medseg-predict.json"
+
+
 def collect_inputs(source: str | Path) -> list[Path]:
     source = Path(source)
     if source.is_file():
@@ -176,16 +190,33 @@ def predict(
     Masks already in ``output`` are kept and skipped unless ``overwrite``: an interrupted run
     resumes where it stopped. Unreadable images are listed in the report; the others are written.
     """
-    predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess
-    )
     output = Path(output)
     inputs = collect_inputs(source)
     _check_unique_names(inputs)
+    check_writable(output)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=device, tta=tta, postprocess=postprocess
+    )
+    record = {
+        "checkpoint_sha256": _sha256(resolve_checkpoint(checkpoint)),
+        "tta": tta,
+        "postprocess": postprocess,
+    }
+    names = {
+        path: output_names(path, probabilities=probabilities, overlays=overlays) for path in inputs
+    }
+    if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
+        for path in inputs:
+            for name in names[path]:
+                (output / name).unlink(missing_ok=True)
+    else:
+        _check_earlier_results(output, record, [output / names[path][-1] for path in inputs])
+    remove_partial_files(output)  # left by a kill in the middle of a write
+    write_text(output / RECORD_NAME, json.dumps(record, indent=2))
     report = PredictionReport()
     pending = []
     for path in inputs:
-        if (output / mask_name(path)).exists() and not overwrite:
+        if all((output / name).exists() for name in names[path]):
             report.skipped.append(output / mask_name(path))
         else:
             pending.append(path)
@@ -195,18 +226,51 @@ def predict(
             paths, images, predictor.probabilities(images), strict=True
         ):
             mask = predictor.binarize(probability)
-            _save_png(output / mask_name(path), (mask * 255).astype(np.uint8))
+            stem = Path(path.name).stem
             if probabilities:
                 _save_png(
-                    output / f"{path.stem}_probability.png",
+                    output / f"{stem}_probability.png",
                     np.round(probability * 255).astype(np.uint8),
                 )
             if overlays:
-                _save_png(output / f"{path.stem}_overlay.png", overlay(image, mask))
+                _save_png(output / f"{stem}_overlay.png", overlay(image, mask))
+            _save_png(output / mask_name(path), (mask * 255).astype(np.uint8))  # last: done
             report.written.append(output / mask_name(path))
         bar.update(len(paths))
     bar.close()
     return report
+
+
+def _check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
+    """Refuse to mix in masks made by another checkpoint or settings, or not by predict at all."""
+    earlier = [mask for mask in masks if mask.exists()]
+    record_path = output / RECORD_NAME
+    if record_path.is_file():
+        try:
+            previous = json.loads(record_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            previous = {}
+        changed = [key for key in record if previous.get(key) != record[key]]
+        if changed and earlier:
+            what = "another checkpoint" if "checkpoint_sha256" in changed else ", ".join(changed)
+            raise MedsegError(
+                f"{output} holds {len(earlier)} masks predicted with {what} (see {RECORD_NAME}); "
+                f"choose another --output, or pass --overwrite to replace them"
+            )
+    elif earlier:
+        raise MedsegError(
+            f"{output} already holds {len(earlier)} masks that medseg predict did not write "
+            f"(first: {earlier[0].name}); choose another --output, or pass --overwrite to "
+            f"replace them"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _readable_batches(

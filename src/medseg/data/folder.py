@@ -64,7 +64,10 @@ def find_pairs(folder: str | Path, *, mask_suffix: str = "_segmentation") -> lis
         else:
             masks[f"\0{path.name}"] = path  # a mask file not named <id><suffix>: reported below
     if not images:
-        raise MedsegError(f"no images in {image_dir} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise MedsegError(
+            f"no images in {image_dir} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            f"put <id>.jpg files there with their masks in {mask_dir}"
+        )
     _report_unmatched(
         "images without a mask",
         [images[i].name for i in images.keys() - masks.keys()],
@@ -118,7 +121,9 @@ def train_val_samples(
     """
     root = Path(root)
     if not root.is_dir():
-        raise MedsegError(f"data root not found: {root}")
+        raise MedsegError(
+            f"data root not found: {root}; pass the folder that holds train/images and train/masks"
+        )
     train_folder = find_split(root, "train")
     if train_folder is None:
         raise MedsegError(
@@ -149,7 +154,8 @@ def check_pair(sample: Sample) -> None:
     if image_shape != mask_shape:
         raise MedsegError(
             f"mask {sample.mask.name} is {mask_shape[1]}×{mask_shape[0]} but image "
-            f"{sample.image.name} is {image_shape[1]}×{image_shape[0]}; masks must match their images"
+            f"{sample.image.name} is {image_shape[1]}×{image_shape[0]}; masks must match their "
+            f"images, so resize or replace the mask"
         )
 
 

@@ -5,7 +5,9 @@ on white, as a viewer shows it), 16-bit (scaled to 8 bits). Masks become bool (H
 
 How a mask is read: a pixel is foreground when its value is above half the largest value its
 bit depth allows (above 127 for 8-bit masks), so the soft edges that resizing leaves are cut in
-the middle rather than grown. Masks stored as 0/1 (largest value 1) are read as they are.
+the middle rather than grown. Masks stored as 0/1 (largest value 1) are read as they are. A mask
+with other values that never rise above half the range (class labels 0/1/2, a red outline read
+as gray 76, a 16-bit file holding 0/255) is refused: read by that rule it would be empty.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def read_mask(path: str | Path) -> np.ndarray:
     if largest <= 1:
         return values > 0
     half_range = 32767 if values.dtype == np.uint16 or largest > 255 else 127
+    if largest <= half_range:
+        raise MedsegError(
+            f"mask {path} has values up to {largest}, none above {half_range} (half its range), "
+            f"so no pixel would count as foreground; save it with 0 for background and 255 "
+            f"(or 1) for the lesion"
+        )
     return values > half_range
 
 

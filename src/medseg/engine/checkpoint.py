@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import random
-import zipfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +27,50 @@ from medseg.model import DeepLabV3Plus
 
 FORMAT = "medseg-checkpoint"
 VERSION = 1
+CLASSIFIER_WEIGHT = "decoder.classifier.weight"  # (num_classes, C, 1, 1): tells the class count
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write a checkpoint dict atomically: a crash leaves the previous file intact."""
     with atomic_path(path) as temporary:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, temporary)
+        except RuntimeError as error:
+            # torch's zip writer reports a failed write (a full disk, mostly) as a RuntimeError.
+            free = shutil.disk_usage(temporary.parent).free
+            raise OSError(
+                f"the write failed ({str(error).splitlines()[0]}); {free:,} bytes free there"
+            ) from error
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and check a medseg checkpoint; a one-line MedsegError says what is wrong with it."""
-    path = Path(path)
-    if path.is_dir():
-        path = _checkpoint_in_run(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise MedsegError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise MedsegError(
+                f"{path} is not a readable checkpoint (not a PyTorch file, or corrupt): "
+                f"{str(error).splitlines()[0][:120]}; pass a .pt file written by medseg train"
+            ) from error
         raise MedsegError(
             f"{path} was refused: it holds Python objects beyond tensors and plain data, which "
-            f"medseg never unpickles (it may carry code); "
-            f"{str(error).splitlines()[0][:120]}"
+            f"medseg never unpickles (it may carry code); use a checkpoint written by medseg train"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # a damaged file fails in many ways (zip, pickle, EOF, key errors)
         raise MedsegError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {error}".splitlines()[0]
+            f"{path} is not a readable checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            + "; pass a complete .pt file written by medseg train"
         ) from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise MedsegError(f"{path} is not a medseg checkpoint (no 'format: {FORMAT}' entry)")
+        raise MedsegError(
+            f"{path} is not a medseg checkpoint (no 'format: {FORMAT}' entry); pass a .pt file "
+            f"written by medseg train (a bare state dict lacks the settings needed to predict)"
+        )
     if state.get("version", 0) > VERSION:
         raise MedsegError(
             f"{path} was written by a newer medseg (checkpoint version {state['version']}); upgrade medseg"
@@ -63,10 +78,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: the file itself, or a run folder's checkpoints/best.pt."""
+    path = Path(path)
+    return _checkpoint_in_run(path) if path.is_dir() else path
+
+
 def model_from_checkpoint(
     state: dict[str, Any], *, path: str | Path = "checkpoint"
 ) -> tuple[DeepLabV3Plus, Config]:
     """Rebuild the model a checkpoint was trained with and load its weights (no download)."""
+    missing = [key for key in ("config", "model") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise MedsegError(
+            f"{path} lacks {' and '.join(missing)}; pass a checkpoint written by medseg train"
+        )
     config = config_from_dict(state["config"], source=str(path))
     model = build_model(config, pretrained=False)
     load_weights(model, state["model"], path=path)
@@ -97,14 +123,23 @@ def load_weights(
         first = missing[0] if missing else unexpected[0]
         raise MedsegError(
             f"{path} was made for another model: {len(missing)} weights missing and "
-            f"{len(unexpected)} unexpected (first: {first!r})"
+            f"{len(unexpected)} unexpected (first: {first!r}); its weights do not match its "
+            f"settings, so use the checkpoint medseg train wrote"
         )
     for key, tensor in weights.items():
-        if tensor.shape != expected[key].shape:
+        if not isinstance(tensor, torch.Tensor):
+            raise MedsegError(f"{path} is damaged: {key} is not a tensor")
+        if tensor.shape == expected[key].shape:
+            continue
+        if key == CLASSIFIER_WEIGHT:
             raise MedsegError(
-                f"{path} was made for another model: {key} has shape {tuple(tensor.shape)}, "
-                f"this model expects {tuple(expected[key].shape)}"
+                f"{path} was made for {tensor.shape[0]} classes; medseg segments one foreground "
+                f"class (binary masks), so use a checkpoint trained by medseg"
             )
+        raise MedsegError(
+            f"{path} was made for another model: {key} has shape {tuple(tensor.shape)}, "
+            f"this model expects {tuple(expected[key].shape)}; use the checkpoint medseg train wrote"
+        )
     model.load_state_dict(weights)
 
 
@@ -116,6 +151,7 @@ def rng_state() -> dict[str, Any]:
         "python_version": random.getstate()[0],
         "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
         "numpy_pos": int(numpy_state[2]),
+        "numpy_gauss": [int(numpy_state[3]), float(numpy_state[4])],  # the cached 2nd Gaussian
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -127,8 +163,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` saved."""
     python = state["python"]
     random.setstate((state["python_version"], tuple(python[:-1]), python[-1] or None))
+    has_gauss, cached_gauss = state.get("numpy_gauss", (0, 0.0))  # absent in older checkpoints
     np.random.set_state(
-        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            int(has_gauss),
+            float(cached_gauss),
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

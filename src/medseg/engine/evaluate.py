@@ -17,7 +17,7 @@ from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_fol
 from medseg.data.io import read_image, read_mask
 from medseg.engine.runtime import Precision
 from medseg.errors import MedsegError
-from medseg.files import write_text
+from medseg.files import check_writable, write_text
 from medseg.metrics import (
     MetricAccumulator,
     average_surface_distance,
@@ -100,10 +100,12 @@ def evaluate_folder(
     from medseg.inference import Predictor  # here: inference builds on the engine, not the reverse
 
     out = Path(out)
-    if (out / "summary.json").exists() and not overwrite:
+    earlier = [name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
+    if earlier and not overwrite:
         raise MedsegError(
-            f"{out} already holds an evaluation (summary.json); choose another --out or pass --overwrite"
+            f"{out} already holds an evaluation ({earlier[0]}); choose another --out or pass --overwrite"
         )
+    check_writable(out)
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, tta=tta, postprocess=postprocess

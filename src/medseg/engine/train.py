@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
-from medseg.config import Config, config_from_dict, save_config
+from medseg.config import Config, build_config, config_from_dict, save_config
 from medseg.data.cache import prepare
 from medseg.data.folder import SegmentationFolder, train_val_samples
 from medseg.data.sampler import EpochSampler
@@ -53,7 +53,7 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.errors import MedsegError
-from medseg.files import write_text
+from medseg.files import check_writable, make_folder, remove_partial_files, write_text
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
 
@@ -89,15 +89,11 @@ def fit(
     last_path = out_dir / "checkpoints" / "last.pt"
     state = None
     if resume:
-        if not last_path.is_file():
-            raise MedsegError(
-                f"cannot resume: {last_path} does not exist (was {out_dir} a medseg run?)"
-            )
-        state = load_checkpoint(last_path)
-        config = config_from_dict(state["config"], source=str(last_path))
+        state, config = _resume_point(out_dir, last_path)
     else:
         _refuse_to_overwrite(out_dir, overwrite)
         config = config or Config()
+    check_writable(out_dir)  # before the data is read: fail in seconds, not after the first epoch
 
     settings = config.train
     device = select_device(settings.device)
@@ -145,9 +141,15 @@ def fit(
     if settings.compile:
         network = CompiledOrEager(network)
     if ranks.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir)
+        if overwrite and not resume:
+            _clear_earlier_run(out_dir)  # only now: a run that fails to start keeps the old one
+        for folder in (out_dir, out_dir / "checkpoints"):
+            remove_partial_files(folder)  # left by a kill in the middle of a write
         save_config(config, out_dir / "config.yaml")
         write_text(out_dir / "run.json", json.dumps({"data": str(Path(data_root).resolve())}))
+        if history:  # a kill between last.pt and metrics.csv left the table one row short
+            _write_history(out_dir, history)
         _announce(config, device, precision, train_loader, val_loader, ranks)
 
     for epoch in range(start_epoch, settings.epochs + 1):
@@ -184,6 +186,12 @@ def fit(
             "val_dice_pooled": summary["dice_pooled"],
             "seconds": time.perf_counter() - started,
         }
+        if not math.isfinite(row["val_loss"]):  # weights broken by the epoch's last step
+            raise MedsegError(
+                f"the validation loss became {row['val_loss']} after epoch {epoch}; the "
+                f"checkpoints of the epochs before are kept; train again with a lower --lr "
+                f"(or --precision fp32, or --set train.grad_clip=1.0)"
+            )
         history.append(row)
         improved = row["val_dice"] > best_dice
         best_dice = max(best_dice, row["val_dice"])
@@ -245,8 +253,9 @@ def train_one_epoch(
         loss = loss_fn(logits.float(), masks)  # the loss in float32, for stability
         if not torch.isfinite(loss):
             raise MedsegError(
-                f"the training loss became {loss.item()} at epoch {epoch}, step {step}; the last "
-                f"good checkpoint is kept; lower train.lr or use precision fp32 and resume"
+                f"the training loss became {loss.item()} at epoch {epoch}, step {step}; the "
+                f"checkpoints of the epochs before are kept; train again with a lower --lr "
+                f"(or --precision fp32, or --set train.grad_clip=1.0)"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -325,7 +334,10 @@ def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     optimizer_class = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=settings.lr)
+    try:  # one fused kernel for all parameters: on a CPU ~15× faster than the per-tensor loop
+        return optimizer_class(groups, lr=settings.lr, fused=True)
+    except RuntimeError:  # torch < 2.4 has no fused CPU kernel
+        return optimizer_class(groups, lr=settings.lr)
 
 
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -366,9 +378,29 @@ def _refuse_to_overwrite(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({earlier[0].name}); continue it with --resume, "
             f"choose another --out, or pass --overwrite to replace it"
         )
-    if overwrite:
-        for stale in (out_dir / "checkpoints" / "best.pt", out_dir / "metrics.csv"):
-            stale.unlink(missing_ok=True)
+
+
+def _clear_earlier_run(out_dir: Path) -> None:
+    """With --overwrite: remove the earlier run's results, so none is mistaken for this run's."""
+    for stale in ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.csv"):
+        (out_dir / stale).unlink(missing_ok=True)
+
+
+def _resume_point(out_dir: Path, last_path: Path) -> tuple[dict[str, Any] | None, Config]:
+    """The saved state (None: start at epoch 1) and the settings to continue ``out_dir`` with.
+
+    A run killed before its first epoch ended has its config.yaml but no last.pt: it starts
+    again from the beginning, with the settings it was started with.
+    """
+    if last_path.is_file():
+        state = load_checkpoint(last_path)
+        return state, config_from_dict(state["config"], source=str(last_path))
+    if (out_dir / "config.yaml").is_file():
+        return None, build_config(config_file=out_dir / "config.yaml")
+    raise MedsegError(
+        f"cannot resume {out_dir}: it holds neither checkpoints/last.pt nor config.yaml (no "
+        f"medseg run started there); start one with --data and --out"
+    )
 
 
 def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:

@@ -130,16 +130,18 @@ def _load_pretrained(
     # The classifier is not part of any backbone; a state dict with or without it is fine.
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     try:
-        missing, _ = resnet.load_state_dict(state, strict=False)
+        missing, unexpected = resnet.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes differ: weights of another network
         raise MedsegError(
             f"the weights do not fit a {name} backbone: {str(error).splitlines()[1].strip()}"
         ) from error
     missing = [key for key in missing if not key.startswith("fc.")]
-    if missing:
+    if missing or unexpected:  # unexpected: a deeper ResNet's blocks, which would be dropped
+        first = (missing or unexpected)[0]
         raise MedsegError(
-            f"the weights do not fit a {name} backbone: {len(missing)} tensors missing, "
-            f"first {missing[0]!r}; pass ImageNet weights of a torchvision {name}"
+            f"the weights do not fit a {name} backbone: {len(missing)} tensors missing and "
+            f"{len(unexpected)} unexpected, first {first!r}; pass ImageNet weights of a "
+            f"torchvision {name}"
         )
 
 
@@ -161,8 +163,14 @@ def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means: not a plain state dict
+        reason = (
+            "it holds Python objects beyond tensors, which medseg never unpickles (it may carry code)"
+            if "weights only load failed" in str(error).lower()
+            else f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        )
         raise MedsegError(
-            f"cannot read pretrained weights {path}: not a plain PyTorch state dict ({error})"
+            f"cannot read pretrained weights {path}: not a plain PyTorch state dict ({reason}); "
+            f"pass a torchvision ResNet state dict"
         ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
