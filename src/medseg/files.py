@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(temporary_name)
     try:
         yield temporary
+        os.chmod(temporary, _mode_for(target))  # mkstemp's 0600 would hide results from others
         _fsync_file(temporary)
         os.replace(temporary, target)
         _fsync_folder(folder)
@@ -81,6 +83,10 @@ def check_writable(path: str | os.PathLike) -> None:
         )
 
 
+# Read once (setting it is the only way to read it, and not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 # What atomic_path's temporary files look like: ".<name>.<8 random characters>.tmp<suffix>".
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
 
@@ -114,6 +120,14 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _mode_for(target: Path) -> int:
+    """The permissions a plain open() would give: the file's own if it exists, else umask's."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def _reason(error: OSError) -> str:
