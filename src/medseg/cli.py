@@ -231,6 +231,9 @@ def _add_evaluate(commands) -> None:
     parser.add_argument(
         "--out", help="folder for per_image.csv and summary.json (default: beside the checkpoint)"
     )
+    parser.add_argument(
+        "--report", metavar="DIR", help="also write an offline HTML report, DIR/index.html"
+    )
     _add_inference_flags(parser, postprocess_default=False)
     parser.set_defaults(handler=_run_evaluate)
 
@@ -243,9 +246,13 @@ def _run_evaluate(args) -> int:
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        report=args.report,
     )  # fmt: skip
     print(format_summary(summary))
-    print(f"per-image scores and summary: {out}")
+    print(
+        f"per-image scores and summary: {out}"
+        + (f"; report: {args.report}/index.html" if args.report else "")
+    )
     return 0
 
 

@@ -91,11 +91,13 @@ def evaluate_folder(
     overwrite: bool = False,
     device: str = "auto",
     progress: bool = True,
+    report: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on ``data`` (a split folder, or a root whose test/ is used).
 
     Predictions are made at each image's own size and compared with its mask there. Writes
-    ``per_image.csv`` and ``summary.json`` into ``out`` and returns the summary.
+    ``per_image.csv`` and ``summary.json`` into ``out`` and returns the summary; with
+    ``report``, also an offline HTML page (``report/index.html``, see `medseg.report`).
     """
     from medseg.inference import Predictor  # here: inference builds on the engine, not the reverse
 
@@ -123,7 +125,26 @@ def evaluate_folder(
     )
     _write_rows(out / "per_image.csv", rows)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if report is not None:
+        _write_report(Path(report) / "index.html", summary, rows, pairs, predictor)
     return summary
+
+
+def _write_report(path: Path, summary, rows, pairs: list[Sample], predictor) -> None:
+    from medseg.report import pick_cases, write_report
+
+    cases = {}
+    for kind, indices in pick_cases(rows).items():
+        chosen = [pairs[i] for i in indices]
+        images, masks = _read_pairs(chosen)
+        predictions = predictor.masks(images)
+        cases[kind] = [
+            (sample.id, image, mask, prediction)
+            for sample, image, mask, prediction in zip(
+                chosen, images, masks, predictions, strict=True
+            )
+        ]
+    write_report(path, summary, rows, cases, table=list(SUMMARY_TABLE))
 
 
 def score_pair(sample_id: str, prediction: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
