@@ -461,3 +461,26 @@ def test_cached_items_come_from_the_cache(samples, monkeypatch):
     item = dataset[3]
     assert item["id"] == "SYN_0003"
     assert torch.equal(item["mask"][0], torch.from_numpy(cache.get(3)[1]).float())
+
+
+def test_two_images_with_one_id_are_refused(tmp_path):
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    Image.new("L", (8, 8)).save(tmp_path / "masks" / "a_segmentation.png")
+    with pytest.raises(MedsegError, match="a.jpg and a.png"):
+        find_pairs(tmp_path)
+
+
+def test_a_cache_built_with_skip_bad_still_refuses_without_it(tmp_path):
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name in ("good", "bad"):
+        Image.new("L", (8, 8)).save(tmp_path / "masks" / f"{name}_segmentation.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "good.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"not an image")
+    pairs = find_pairs(tmp_path)
+    assert len(prepare(pairs, size=8, skip_bad=True, progress=False).samples) == 1
+    with pytest.raises(MedsegError, match="bad.png.*--skip-bad"):
+        prepare(pairs, size=8, skip_bad=False, progress=False)

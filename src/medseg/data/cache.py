@@ -55,7 +55,10 @@ def prepare(
     folder = cache_root() / _cache_key(samples, size)
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        return _open(folder, samples, json.loads(manifest.read_text()))
+        cached = json.loads(manifest.read_text())
+        if cached["bad"] and not skip_bad:  # built by a --skip-bad run: the files are still bad
+            raise MedsegError(f"{cached['bad'][0]} (or pass --skip-bad to train without it)")
+        return _open(folder, samples, cached)
     images, masks, kept, bad = _decode_all(samples, size, skip_bad=skip_bad, progress=progress)
     try:
         _store(folder, images, masks, kept, bad)

@@ -56,7 +56,13 @@ def find_pairs(folder: str | Path, *, mask_suffix: str = "_segmentation") -> lis
                 f"{required} is not a folder; expected {folder}/images/<id>.jpg and "
                 f"{folder}/masks/<id>{mask_suffix}.png"
             )
-    images = {path.stem: path for path in list_images(image_dir)}
+    images: dict[str, Path] = {}
+    for path in list_images(image_dir):
+        if path.stem in images:  # a.jpg and a.png: which one the mask belongs to is unknowable
+            raise MedsegError(
+                f"{images[path.stem].name} and {path.name} in {image_dir} share the id {path.stem!r}; keep one"
+            )
+        images[path.stem] = path
     masks = {}
     for path in list_images(mask_dir):
         if path.stem.endswith(mask_suffix):
