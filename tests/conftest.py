@@ -79,3 +79,12 @@ def tiny_checkpoint(tmp_path_factory):
         path, {"config": config.to_dict(), "model": model.state_dict(), "epoch": 1, "metrics": {}}
     )
     return path
+
+
+@pytest.fixture
+def tiny_flags():
+    """`medseg train` flags for a model small and fast enough for a test: resnet18 at 64×64."""
+    return [
+        *("--no-pretrained", "--backbone", "resnet18", "--image-size", "64"),
+        *("--batch-size", "4", "--quiet"),
+    ]

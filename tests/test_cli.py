@@ -10,20 +10,9 @@ from PIL import Image
 from medseg.cli import main
 from medseg.engine import train as train_module
 
-TINY = [
-    "--no-pretrained",
-    "--backbone",
-    "resnet18",
-    "--image-size",
-    "64",
-    "--batch-size",
-    "4",
-    "--quiet",
-]
 
-
-def _train(data, run, *extra):
-    return main(["train", "--data", str(data), "--out", str(run), *TINY, *extra])
+def _train(data, run, flags, *extra):
+    return main(["train", "--data", str(data), "--out", str(run), *flags, *extra])
 
 
 def _metrics_rows(run):
@@ -35,9 +24,9 @@ def _mask_values(path):
     return set(np.unique(np.asarray(Image.open(path))).tolist())
 
 
-def test_real_pairs_train_evaluate_predict_visualize(small_isic, tmp_path, capsys):
+def test_real_pairs_train_evaluate_predict_visualize(small_isic, tmp_path, capsys, tiny_flags):
     run = tmp_path / "run"
-    assert _train(small_isic, run, "--epochs", "1") == 0
+    assert _train(small_isic, run, tiny_flags, "--epochs", "1") == 0
 
     for name in (
         "config.yaml",
@@ -109,9 +98,9 @@ def test_real_pairs_train_evaluate_predict_visualize(small_isic, tmp_path, capsy
     assert len(list(figures.glob("*.png"))) == 2
 
 
-def test_synthetic_data_and_an_odd_sized_image(synthetic_root, tmp_path):
+def test_synthetic_data_and_an_odd_sized_image(synthetic_root, tmp_path, tiny_flags):
     run = tmp_path / "run"
-    assert _train(synthetic_root, run, "--epochs", "1", "--preset", "seed") == 0
+    assert _train(synthetic_root, run, tiny_flags, "--epochs", "1", "--preset", "seed") == 0
     odd = tmp_path / "odd" / "lesion.png"
     odd.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (250, 301, 3), dtype=np.uint8)).save(
@@ -142,7 +131,7 @@ def test_synthetic_data_and_an_odd_sized_image(synthetic_root, tmp_path):
 
 
 def test_interrupted_training_resumes_after_the_last_finished_epoch(
-    synthetic_root, tmp_path, monkeypatch, capsys
+    synthetic_root, tmp_path, monkeypatch, capsys, tiny_flags
 ):
     run = tmp_path / "run"
     real_epoch = train_module.train_one_epoch
@@ -153,7 +142,7 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(
         return real_epoch(*args, epoch=epoch, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted_in_epoch_two)
-    assert _train(synthetic_root, run, "--epochs", "3") == 130
+    assert _train(synthetic_root, run, tiny_flags, "--epochs", "3") == 130
     assert "resume" in capsys.readouterr().err
     assert [row["epoch"] for row in _metrics_rows(run)] == ["1"]
 

@@ -10,20 +10,21 @@ from medseg.cli import main
 from medseg.report import pick_cases
 
 
-def test_report_page_embeds_loadable_images(synthetic_root, tmp_path):
+def test_report_page_embeds_loadable_images(synthetic_root, tmp_path, tiny_flags):
     run = tmp_path / "run"
-    tiny = [
-        "--no-pretrained",
-        "--backbone",
-        "resnet18",
-        "--image-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--quiet",
-    ]
     assert (
-        main(["train", "--data", str(synthetic_root), "--out", str(run), "--epochs", "1", *tiny])
+        main(
+            [
+                "train",
+                "--data",
+                str(synthetic_root),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                *tiny_flags,
+            ]
+        )
         == 0
     )
     report = tmp_path / "report"

@@ -9,7 +9,9 @@ which POSIX and Windows both perform atomically within one file system.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import os
 import re
 import stat
@@ -114,6 +116,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically (UTF-8)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """Write `rows` as CSV atomically; floats with 6 significant digits."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                key: f"{value:.6g}" if isinstance(value, float) else value
+                for key, value in row.items()
+            }
+        )
+    write_text(path, buffer.getvalue())
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

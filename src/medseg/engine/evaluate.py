@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_fol
 from medseg.data.io import read_image, read_mask
 from medseg.engine.runtime import Precision
 from medseg.errors import MedsegError
-from medseg.files import check_writable, write_text
+from medseg.files import check_writable, write_csv, write_text
 from medseg.metrics import (
     MetricAccumulator,
     average_surface_distance,
@@ -123,7 +121,7 @@ def evaluate_folder(
     summary.update(
         {"checkpoint": str(checkpoint), "data": str(folder), "tta": tta, "postprocess": postprocess}
     )
-    _write_rows(out / "per_image.csv", rows)
+    write_csv(out / "per_image.csv", rows, PER_IMAGE_COLUMNS)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     if report is not None:
         _write_report(Path(report) / "index.html", summary, rows, pairs, predictor)
@@ -222,17 +220,3 @@ def _read_pairs(samples: list[Sample]) -> tuple[list[np.ndarray], list[np.ndarra
         images.append(image)
         masks.append(mask)
     return images, masks
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(
-            {
-                key: (f"{value:.6g}" if isinstance(value, float) else value)
-                for key, value in row.items()
-            }
-        )
-    write_text(path, buffer.getvalue())

@@ -8,8 +8,6 @@ processes.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -53,9 +51,16 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.errors import MedsegError
-from medseg.files import check_writable, make_folder, remove_partial_files, write_text
+from medseg.files import (
+    check_writable,
+    make_folder,
+    remove_partial_files,
+    write_csv,
+    write_text,
+)
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
+from medseg.visualize import plot_training_curves
 
 METRIC_COLUMNS = (
     "epoch",
@@ -404,19 +409,7 @@ def _resume_point(out_dir: Path, last_path: Path) -> tuple[dict[str, Any] | None
 
 
 def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(
-            {
-                key: (f"{value:.6g}" if isinstance(value, float) else value)
-                for key, value in row.items()
-            }
-        )
-    write_text(out_dir / "metrics.csv", buffer.getvalue())
-    from medseg.visualize import plot_training_curves
-
+    write_csv(out_dir / "metrics.csv", history, METRIC_COLUMNS)
     plot_training_curves(history, out_dir / "curves.png")
 
 
