@@ -151,7 +151,7 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(
     assert [row["epoch"] for row in _metrics_rows(run)] == ["1", "2", "3"]
 
 
-def test_train_needs_data_and_out(capsys):
+def test_train_needs_data(capsys):
     assert main(["train", "--epochs", "1"]) == 2
     assert "--data" in capsys.readouterr().err
 
@@ -164,3 +164,13 @@ def test_demo_runs_offline_and_says_the_data_is_synthetic(tmp_path, capsys):
     run = tmp_path / "demo" / "run"
     assert (run / "evaluation-test" / "summary.json").is_file()
     assert len(list((run / "figures").glob("*.png"))) == 6
+
+
+def test_train_without_out_creates_a_dated_run_folder(
+    synthetic_root, tmp_path, monkeypatch, tiny_flags
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(synthetic_root), "--epochs", "1", *tiny_flags]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("train-")
+    assert (run / "checkpoints" / "last.pt").is_file()

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -89,7 +90,7 @@ TRAIN_FLAGS = {
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train a model on a data root")
     parser.add_argument("--data", help="data root with train/ (and optionally val/, test/)")
-    parser.add_argument("--out", help="run folder to create")
+    parser.add_argument("--out", help="run folder to create (default: runs/train-<date>-<time>)")
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch"
     )
@@ -142,13 +143,11 @@ def _run_train(args) -> int:
             progress=not args.quiet,
         )
     else:
-        if not args.data or not args.out:
-            raise MedsegError(
-                "medseg train needs --data DATA_ROOT and --out RUN_DIR (or --resume RUN_DIR)"
-            )
+        if not args.data:
+            raise MedsegError("medseg train needs --data DATA_ROOT (or --resume RUN_DIR)")
         summary = train(
             data=args.data,
-            out=args.out,
+            out=args.out or _new_run_folder(),
             preset=args.preset,
             config_file=args.config,
             overrides=_train_overrides(args),
@@ -158,6 +157,12 @@ def _run_train(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
         print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
     return 0
+
+
+def _new_run_folder() -> Path:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each process would pick its own time
+        raise MedsegError("with several processes, name the run folder: --out RUN_DIR")
+    return Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
 
 
 def _train_overrides(args) -> dict:

@@ -123,14 +123,7 @@ def fit(
     history: list[dict[str, float]] = []
     best_dice, stale_epochs, start_epoch = -1.0, 0, 1
     if state is not None:
-        load_weights(model, state["model"], path=last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        # Each rank continues its own random stream (dropout) where the interruption left it.
-        rank_rng = state.get("rank_rng", [])
-        same_ranks = len(rank_rng) == ranks.world_size
-        set_rng_state(rank_rng[ranks.rank] if same_ranks else state["rng"])
+        _restore_training_state(state, model, optimizer, scheduler, scaler, ranks, path=last_path)
         history = [dict(row) for row in state["history"]]
         best_dice, stale_epochs = state["best_dice"], state["epochs_without_improvement"]
         start_epoch = state["epoch"] + 1
@@ -214,12 +207,14 @@ def fit(
             }
             if improved:
                 save_checkpoint(out_dir / "checkpoints" / "best.pt", checkpoint)
-            save_checkpoint(
-                last_path,
-                {**checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rank_rng[0],
-                 **({"rank_rng": rank_rng} if ranks.distributed else {})},
-            )  # fmt: skip
+            resume_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rank_rng[0],
+                **({"rank_rng": rank_rng} if ranks.distributed else {}),
+            }
+            save_checkpoint(last_path, {**checkpoint, **resume_state})
             _write_history(out_dir, history)
             _report_epoch(row, settings.epochs, improved)
     return {
@@ -228,6 +223,20 @@ def fit(
         "best_val_dice": best_dice,
         "history": history,
     }
+
+
+def _restore_training_state(
+    state, model, optimizer, scheduler, scaler, ranks: Ranks, *, path
+) -> None:
+    """Put weights, optimizer, schedule, loss scale and random streams back as `last.pt` saved them."""
+    load_weights(model, state["model"], path=path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    # Each rank continues its own random stream (dropout) where the interruption left it.
+    rank_rng = state.get("rank_rng", [])
+    same_ranks = len(rank_rng) == ranks.world_size
+    set_rng_state(rank_rng[ranks.rank] if same_ranks else state["rng"])
 
 
 def train_one_epoch(
