@@ -1,6 +1,7 @@
 """Accuracy on real data: train a recipe on ISIC 2017 train/, report on test/.
 
     python benchmarks/accuracy.py                      # the default recipe, full (about an hour on 2 cores)
+    python benchmarks/accuracy.py --presets default seed --same-budget  # seed preset, default's epochs
     python benchmarks/accuracy.py --presets default seed --epochs 3   # a shorter, equal budget for both
     python benchmarks/accuracy.py --quick              # smoke run: tiny subset, 1 epoch
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 import medseg
+from medseg.config import Config, build_config
 from medseg.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "accuracy")
     parser.add_argument("--presets", nargs="+", default=["default"])
     parser.add_argument("--epochs", type=int, help="override every preset's epochs (equal budget)")
+    parser.add_argument(
+        "--same-budget", action="store_true", help="every preset trains the default recipe's epochs"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run on a small subset")
     args = parser.parse_args()
 
@@ -64,6 +69,9 @@ def main() -> int:
         overrides = {"model.pretrained": False}
         if args.epochs or args.quick:
             overrides["train.epochs"] = 1 if args.quick else args.epochs
+        elif args.same_budget and build_config(preset=preset).train.epochs != Config().train.epochs:
+            # Same network, same step cost: equal epochs are an equal time budget.
+            overrides["train.epochs"] = Config().train.epochs
         name = preset + (f"-{overrides['train.epochs']}ep" if "train.epochs" in overrides else "")
         run = args.out / name
         train_seconds = _train(preset, data, run, overrides)
