@@ -19,7 +19,7 @@ from medseg.engine.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.engine.train import fit
 from medseg.errors import MedsegError
 from medseg.files import check_writable
-from medseg.inference import PredictionReport, Predictor
+from medseg.inference import DEFAULT_TTA, PredictionReport, Predictor
 from medseg.inference import predict as predict_files
 from medseg.visualize import save_prediction_figure
 
@@ -62,7 +62,7 @@ def visualize(
     data: str | Path,
     out: str | Path,
     num_samples: int = 8,
-    tta: str = "none",
+    tta: str = DEFAULT_TTA,
     postprocess: bool = False,
     device: str = "auto",
     overwrite: bool = False,

@@ -208,7 +208,7 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
         "--tta",
         nargs="?",
         const="flip",
-        default="none",
+        default="flip",
         choices=("none", "flip", "d4"),
         help="test-time augmentation (flips; d4 adds 90° turns)",
     )

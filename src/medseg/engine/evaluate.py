@@ -83,7 +83,7 @@ def evaluate_folder(
     data: str | Path,
     out: str | Path,
     *,
-    tta: str = "none",
+    tta: str | None = None,
     postprocess: bool = False,
     batch_size: int = 16,
     overwrite: bool = False,
@@ -97,7 +97,9 @@ def evaluate_folder(
     ``per_image.csv`` and ``summary.json`` into ``out`` and returns the summary; with
     ``report``, also an offline HTML page (``report/index.html``, see `medseg.report`).
     """
-    from medseg.inference import Predictor  # here: inference builds on the engine, not the reverse
+    from medseg.inference import DEFAULT_TTA, Predictor  # inference builds on the engine
+
+    tta = DEFAULT_TTA if tta is None else tta
 
     out = Path(out)
     earlier = [name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
