@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --presets default seed --same-budget  # seed preset, default's epochs
     python benchmarks/accuracy.py --presets default seed --epochs 3   # a shorter, equal budget for both
     python benchmarks/accuracy.py --quick              # smoke run: tiny subset, 1 epoch
+    python benchmarks/accuracy.py --markdown runs/accuracy/accuracy.json   # README table of a run
 
 Each preset is trained exactly as ``medseg train --data DATA --out RUN --no-pretrained
 [--preset seed]`` would (selection on a seeded split of train/, never on test/), then scored on
@@ -61,7 +62,13 @@ def main() -> int:
         "--same-budget", action="store_true", help="every preset trains the default recipe's epochs"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run on a small subset")
+    parser.add_argument(
+        "--markdown", type=Path, metavar="JSON", help="print a saved result as a Markdown table"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return 0
 
     data = _quick_subset(args.data, args.out) if args.quick else args.data
     results = {"hardware": _hardware(), "data": str(args.data), "quick": args.quick, "runs": {}}
@@ -119,6 +126,36 @@ def _table(name: str, run: dict) -> str:
     ]
     for label, scores in run["scores"].items():
         lines.append(f"{label:<20}" + "".join(f"{scores[column]:>12.4f}" for column in COLUMNS))
+    return "\n".join(lines)
+
+
+MARKDOWN_COLUMNS = (
+    ("dice", "Dice mean"), ("dice_median", "Dice median"), ("iou", "Jaccard mean"),
+    ("iou_median", "Jaccard median"), ("thresholded_jaccard", "thresholded Jaccard"),
+    ("hd95", "HD95 px"), ("assd", "ASSD px"), ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+)  # fmt: skip
+
+
+def markdown_table(results: dict) -> str:
+    """All runs of a saved result as one Markdown table (the README's Results table)."""
+    header = (
+        "| recipe | epochs | training min | inference | "
+        + " | ".join(label for _, label in MARKDOWN_COLUMNS)
+        + " |"
+    )
+    lines = [header, "|---|---:|---:|---|" + "---:|" * len(MARKDOWN_COLUMNS)]
+    for run in results["runs"].values():
+        for label, scores in run["scores"].items():
+            cells = [
+                f"{scores[key]:.1f}" if key in ("hd95", "assd") else f"{scores[key]:.3f}"
+                for key, _ in MARKDOWN_COLUMNS
+            ]
+            lines.append(
+                f"| {run['preset']} | {run['epochs']} | {run['train_seconds'] / 60:.1f} | {label} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 
