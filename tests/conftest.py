@@ -88,3 +88,12 @@ def tiny_flags():
         *("--no-pretrained", "--backbone", "resnet18", "--image-size", "64"),
         *("--batch-size", "4", "--quiet"),
     ]
+
+
+@pytest.fixture(autouse=True)
+def restore_determinism_flag():
+    """--deterministic switches torch's global flag on; keep it from leaking into other tests."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -30,15 +30,6 @@ TINY = ["--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--qu
 SHORT = [*TINY, "--epochs", "1", "--batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def restore_determinism_flag():
-    """--deterministic switches torch's global flag on; keep it from leaking into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def refused(capsys, *argv, expect=()):
     """Run a command that must refuse; check the form of its message and return it."""
     code = main([str(arg) for arg in argv])

@@ -13,15 +13,6 @@ from medseg.engine.checkpoint import load_checkpoint
 from medseg.inference import mask_name
 
 
-@pytest.fixture(autouse=True)
-def restore_determinism_flag():
-    """--deterministic switches torch's global flag on; keep it from leaking into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 class Payload:
     """Unpickling this runs code: it creates the marker file."""
 
