@@ -71,7 +71,10 @@ def main() -> int:
         return 0
 
     data = _quick_subset(args.data, args.out) if args.quick else args.data
+    saved = args.out / "accuracy.json"
     results = {"hardware": _hardware(), "data": str(args.data), "quick": args.quick, "runs": {}}
+    if saved.is_file() and not args.quick:  # keep the other presets' results of earlier runs
+        results["runs"] = json.loads(saved.read_text()).get("runs", {})
     for preset in args.presets:
         overrides = {"model.pretrained": False}
         if args.epochs or args.quick:
@@ -99,7 +102,7 @@ def main() -> int:
             "scores": scores,
         }
         print(_table(name, results["runs"][name]), flush=True)
-    (args.out / "accuracy.json").write_text(json.dumps(results, indent=2))
+    saved.write_text(json.dumps(results, indent=2))
     print(f"hardware: {results['hardware']}; written {args.out / 'accuracy.json'}")
     return 0
 

@@ -120,6 +120,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--epoch-steps", type=int, default=0, help="0: a full epoch; N: N steps, extrapolated"
     )
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers of the epoch measurement"
+    )
     parser.add_argument("--compile", action="store_true", help="also the recipe, torch.compiled")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--quick", action="store_true", help="small and short: a smoke test")
@@ -138,7 +141,7 @@ def json_name(args) -> str:
 
 
 def common_spec(args, device: torch.device) -> dict[str, Any]:
-    keys = ("size", "batch", "repeats", "steps", "warmup")
+    keys = ("size", "batch", "repeats", "steps", "warmup", "num_workers")
     return {key: getattr(args, key) for key in keys} | {"device": str(device)}
 
 
@@ -298,7 +301,7 @@ def synthetic_batch(spec: dict[str, Any], device: torch.device) -> dict[str, tor
 def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from medseg.config import Config
     from medseg.engine.runtime import CompiledOrEager, seed_everything, select_precision
-    from medseg.engine.train import _optimizer, _scheduler, train_one_epoch
+    from medseg.engine.train import _optimizer, _scheduler, loss_settings, train_one_epoch
     from medseg.losses import build_loss
 
     name = spec["name"]
@@ -308,7 +311,7 @@ def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_network(network_name).to(device, memory_format=memory_format)
     network = CompiledOrEager(model) if name == "compiled" else model
-    loss_fn = build_loss(config.train.loss)
+    loss_fn = build_loss(config.train.loss, **loss_settings(config.train))
     batch = synthetic_batch(spec, device)
     steps = spec["steps"]
 
@@ -353,6 +356,8 @@ def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
             logits_of(network(images)).float()
 
     model.eval()
+    if name == "compiled":  # inference as `medseg predict --compile` runs it: frozen weights
+        network = CompiledOrEager(model, options={"freezing": True})
     infer_times = timed(infer, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
     result["probe_flops_per_s"].append(probe_rate(device))
     result["infer_images_per_s"] = spec["batch"] / statistics.median(infer_times)
@@ -389,11 +394,21 @@ def measure_epoch(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from medseg.engine.checkpoint import build_model
     from medseg.engine.evaluate import evaluate_loader
     from medseg.engine.runtime import Ranks, select_precision
-    from medseg.engine.train import _loaders, _optimizer, _scheduler, train_one_epoch
+    from medseg.engine.train import (
+        _loaders,
+        _optimizer,
+        _scheduler,
+        loss_settings,
+        train_one_epoch,
+    )
     from medseg.losses import build_loss
 
     config = build_config(
-        overrides={"data.image_size": spec["size"], "train.batch_size": spec["batch"]}
+        overrides={
+            "data.image_size": spec["size"],
+            "train.batch_size": spec["batch"],
+            "data.num_workers": spec.get("num_workers", 0),
+        }
     )
     settings = config.train
     precision = select_precision(settings.precision, device)
@@ -405,7 +420,7 @@ def measure_epoch(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
-    loss_fn = build_loss(settings.loss)
+    loss_fn = build_loss(settings.loss, **loss_settings(settings))
     train_loader.batch_sampler.sampler.set_epoch(1)
 
     train_batches = TimedLoader(train_loader, spec["max_steps"])

@@ -174,3 +174,21 @@ def test_train_without_out_creates_a_dated_run_folder(
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("train-")
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow  # compiling takes about half a minute on two cores
+def test_predict_compile_gives_the_masks_of_the_uncompiled_network(
+    tiny_checkpoint, synthetic_root, tmp_path, capsys
+):
+    source = synthetic_root / "test" / "images"
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        flags = ["--checkpoint", str(tiny_checkpoint), "--input", str(source), "--tta", "none"]
+        assert main(["predict", *flags, "--output", str(tmp_path / name), "--quiet", *extra]) == 0
+    assert "torch.compile failed" not in capsys.readouterr().err  # it really ran compiled
+    masks = sorted((tmp_path / "eager").glob("*.png"))
+    assert len(masks) == 4
+    for eager in masks:
+        compiled = tmp_path / "compiled" / eager.name
+        agreement = np.mean(np.array(Image.open(eager)) == np.array(Image.open(compiled)))
+        # Folding BatchNorm into the weights changes rounding: a few border pixels may flip.
+        assert agreement > 0.99, f"{eager.name}: {agreement:.4f}"

@@ -152,6 +152,12 @@ def test_impossible_values_name_the_key(dotted, value, message):
         build_config(overrides={dotted: value})
 
 
+def test_per_image_loss_needs_a_dice_loss():
+    with pytest.raises(MedsegError, match="train.loss_per_image needs a Dice loss .* not 'iou'"):
+        build_config(overrides={"train.loss_per_image": True, "train.loss": "iou"})
+    assert build_config(overrides={"train.loss_per_image": True}).train.loss_per_image
+
+
 def test_checkpoint_config_is_validated_too():
     values = Config().to_dict()
     values["train"]["batch_size"] = 0

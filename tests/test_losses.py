@@ -78,6 +78,11 @@ def test_dice_per_image_differs_from_pooled():
     # Pooled: Σpt = 1.25, Σp = 4, Σt = 2 -> dice = 3.5 / 7 = 0.5
     pooled = DiceLoss()(logits, target)
     assert pooled.item() == pytest.approx(0.5, rel=1e-6)
+    # Dice+BCE adds the same BCE to either Dice.
+    bce = F.binary_cross_entropy_with_logits(logits, target).item()
+    per_image_bce = DiceBCELoss(per_image=True)(logits, target).item()
+    assert per_image_bce == pytest.approx(bce + (0.3 + 2 / 3) / 2, rel=1e-6)
+    assert DiceBCELoss()(logits, target).item() == pytest.approx(bce + 0.5, rel=1e-6)
 
 
 def test_focal_with_gamma_0_and_no_alpha_is_bce():
@@ -140,6 +145,7 @@ def test_shape_mismatch_is_reported():
     ("name", "kwargs", "cls"),
     [
         ("dice_bce", {}, DiceBCELoss),
+        ("dice_bce", {"per_image": True}, DiceBCELoss),
         ("dice", {"per_image": True}, DiceLoss),
         ("iou", {"smooth": 0.0}, IoULoss),
         ("focal", {"alpha": None, "gamma": 1.0}, FocalLoss),

@@ -267,3 +267,53 @@ def test_imagenet_download_offline_suggests_both_ways_out(tmp_path, monkeypatch)
     assert "--no-pretrained" in message
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
     assert "URLError" in message
+
+
+def forward_flops(model: nn.Module, size: int = 128) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def test_separable_head_has_depthwise_convs_and_far_fewer_flops_than_plain():
+    plain = DeepLabV3Plus(separable=False)
+    separable = DeepLabV3Plus(separable=True)
+    depthwise = [
+        m for m in separable.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
+    ]
+    # Three atrous ASPP branches (rates 6, 12, 18) and two decoder refinements.
+    assert sorted(m.dilation[0] for m in depthwise) == [1, 1, 6, 12, 18]
+    assert not any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in plain.modules())
+    # The backbone is shared; the plain head alone is more than the whole separable network.
+    assert forward_flops(separable) < 0.5 * forward_flops(plain)
+    torch.manual_seed(0)
+    logits = separable(fixed_input(2, 3, 70, 90))
+    assert logits.shape == (2, 1, 70, 90)
+
+
+def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
+    from medseg.config import build_config
+    from medseg.engine.checkpoint import (
+        build_model,
+        load_checkpoint,
+        model_from_checkpoint,
+        save_checkpoint,
+    )
+
+    config = build_config(
+        overrides={
+            "model.backbone": "resnet18",
+            "model.separable": False,
+            "model.pretrained": False,
+        }
+    )
+    weights = build_model(config).state_dict()
+    old_config = config.to_dict()
+    del old_config["model"]["separable"]
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"config": old_config, "model": weights, "epoch": 1, "metrics": {}})
+    model, loaded_config = model_from_checkpoint(load_checkpoint(path), path=path)
+    assert loaded_config.model.separable is False
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())

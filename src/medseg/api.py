@@ -66,11 +66,12 @@ def visualize(
     postprocess: bool = False,
     device: str = "auto",
     overwrite: bool = False,
+    compile: bool = False,
 ) -> list[Path]:
     """The seed's figure for the first ``num_samples`` pairs: image, truth, prediction, overlay."""
     out = Path(out)
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess
+        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile
     )
     pairs = find_pairs(resolve_split_folder(data), mask_suffix=predictor.config.data.mask_suffix)
     targets = {sample: out / f"{sample.id}_prediction.png" for sample in pairs[:num_samples]}

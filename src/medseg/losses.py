@@ -84,11 +84,13 @@ def focal_loss(
     return loss.mean()
 
 
-def dice_bce_loss(logits: Tensor, target: Tensor, *, smooth: float = 1.0) -> Tensor:
-    """Mean BCE + pooled soft Dice loss, the seed project's training loss; scalar."""
+def dice_bce_loss(
+    logits: Tensor, target: Tensor, *, smooth: float = 1.0, per_image: bool = False
+) -> Tensor:
+    """Mean BCE + soft Dice loss (pooled: the seed project's training loss); scalar."""
     logits, target = _as_float32(logits, target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    return bce + dice_loss(logits, target, smooth=smooth)
+    return bce + dice_loss(logits, target, smooth=smooth, per_image=per_image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,18 +114,22 @@ def _check_focal(alpha: float | None, gamma: float) -> None:
 
 
 class DiceBCELoss(nn.Module):
-    """Mean BCE + soft Dice loss pooled over the batch. (N,1,H,W) logits, target -> scalar."""
+    """Mean BCE + soft Dice loss, pooled over the batch or (`per_image`) averaged over images.
 
-    def __init__(self, *, smooth: float = 1.0) -> None:
+    (N,1,H,W) logits, target -> scalar.
+    """
+
+    def __init__(self, *, smooth: float = 1.0, per_image: bool = False) -> None:
         super().__init__()
         _check_smooth(smooth)
         self.smooth = smooth
+        self.per_image = per_image
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return dice_bce_loss(logits, target, smooth=self.smooth)
+        return dice_bce_loss(logits, target, smooth=self.smooth, per_image=self.per_image)
 
     def extra_repr(self) -> str:
-        return f"smooth={self.smooth}"
+        return f"smooth={self.smooth}, per_image={self.per_image}"
 
 
 class DiceLoss(nn.Module):

@@ -93,10 +93,18 @@ def model_from_checkpoint(
         raise MedsegError(
             f"{path} lacks {' and '.join(missing)}; pass a checkpoint written by medseg train"
         )
-    config = config_from_dict(state["config"], source=str(path))
+    config = config_from_dict(with_plain_convs_if_unset(state["config"]), source=str(path))
     model = build_model(config, pretrained=False)
     load_weights(model, state["model"], path=path)
     return model, config
+
+
+def with_plain_convs_if_unset(values: dict) -> dict:
+    # Checkpoints from before model.separable existed were all trained with plain 3×3 convs.
+    model_values = values.get("model")
+    if isinstance(model_values, dict) and "separable" not in model_values:
+        return {**values, "model": {**model_values, "separable": False}}
+    return values
 
 
 def build_model(config: Config, *, pretrained: bool | str | None = None) -> DeepLabV3Plus:
@@ -109,6 +117,7 @@ def build_model(config: Config, *, pretrained: bool | str | None = None) -> Deep
         output_stride=model_config.output_stride,
         pretrained=model_config.pretrained if pretrained is None else pretrained,
         aspp_dropout=model_config.aspp_dropout,
+        separable=model_config.separable,
     )
 
 

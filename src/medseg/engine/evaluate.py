@@ -90,6 +90,7 @@ def evaluate_folder(
     device: str = "auto",
     progress: bool = True,
     report: str | Path | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on ``data`` (a split folder, or a root whose test/ is used).
 
@@ -110,7 +111,7 @@ def evaluate_folder(
     check_writable(out)
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess
+        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile
     )
     pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
     rows = []

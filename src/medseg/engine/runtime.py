@@ -233,11 +233,18 @@ class CompiledOrEager(nn.Module):
     its own; save ``module``'s state dict, not the wrapper's.
     """
 
-    def __init__(self, module: nn.Module, *, backend: str | Callable = "inductor"):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        backend: str | Callable = "inductor",
+        options: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.module = module
+        compiled = torch.compile(module, backend=backend, options=options)
         # Not a registered submodule: it shares module's parameters, which must appear once.
-        object.__setattr__(self, "_compiled", torch.compile(module, backend=backend))
+        object.__setattr__(self, "_compiled", compiled)
         self.failed = False
 
     def forward(self, *args, **kwargs):

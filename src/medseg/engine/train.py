@@ -31,6 +31,7 @@ from medseg.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    with_plain_convs_if_unset,
 )
 from medseg.engine.evaluate import evaluate_loader
 from medseg.engine.runtime import (
@@ -118,7 +119,7 @@ def fit(
     steps_per_epoch = len(train_loader)
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
-    loss_fn = build_loss(settings.loss)
+    loss_fn = build_loss(settings.loss, **loss_settings(settings))
 
     history: list[dict[str, float]] = []
     best_dice, stale_epochs, start_epoch = -1.0, 0, 1
@@ -338,6 +339,11 @@ def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, p
     return train_loader, val_loader
 
 
+def loss_settings(settings) -> dict[str, Any]:
+    """The loss's keyword settings from the train config (only those it was asked to change)."""
+    return {"per_image": True} if settings.loss_per_image else {}
+
+
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     settings = config.train
     # No weight decay on BatchNorm scales and biases: decaying them only fights the normalisation.
@@ -408,7 +414,8 @@ def _resume_point(out_dir: Path, last_path: Path) -> tuple[dict[str, Any] | None
     """
     if last_path.is_file():
         state = load_checkpoint(last_path)
-        return state, config_from_dict(state["config"], source=str(last_path))
+        saved = with_plain_convs_if_unset(state["config"])
+        return state, config_from_dict(saved, source=str(last_path))
     if (out_dir / "config.yaml").is_file():
         return None, build_config(config_file=out_dir / "config.yaml")
     raise MedsegError(

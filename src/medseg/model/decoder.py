@@ -24,14 +24,20 @@ class Decoder(nn.Module):
         context_channels: int = 256,
         low_level_projection: int = 48,
         refine_channels: int = 256,
+        separable: bool = False,
     ):
         super().__init__()
         self.project_low_level = conv_bn_relu(
             low_level_channels, low_level_projection, kernel_size=1
         )
         self.refine = nn.Sequential(
-            conv_bn_relu(context_channels + low_level_projection, refine_channels, kernel_size=3),
-            conv_bn_relu(refine_channels, refine_channels, kernel_size=3),
+            conv_bn_relu(
+                context_channels + low_level_projection,
+                refine_channels,
+                kernel_size=3,
+                separable=separable,
+            ),
+            conv_bn_relu(refine_channels, refine_channels, kernel_size=3, separable=separable),
         )
         self.classifier = nn.Conv2d(refine_channels, num_classes, kernel_size=1)
 

@@ -32,6 +32,7 @@ class DeepLabV3Plus(nn.Module):
         output_stride: int = 16,
         pretrained: bool | str | os.PathLike = False,
         aspp_dropout: float = 0.1,
+        separable: bool = True,
     ):
         super().__init__()
         self.config = {
@@ -40,6 +41,7 @@ class DeepLabV3Plus(nn.Module):
             "variant": variant,
             "output_stride": output_stride,
             "aspp_dropout": aspp_dropout,
+            "separable": separable,
         }
         self.backbone = build_backbone(
             name=backbone, variant=variant, output_stride=output_stride, pretrained=pretrained
@@ -47,8 +49,10 @@ class DeepLabV3Plus(nn.Module):
         # Rates are those of the paper at output stride 16, doubled at output stride 8 so the
         # receptive fields cover the same part of the image.
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
-        self.aspp = ASPP(self.backbone.deep_channels, rates=rates, dropout=aspp_dropout)
-        self.decoder = Decoder(self.backbone.low_level_channels, num_classes)
+        self.aspp = ASPP(
+            self.backbone.deep_channels, rates=rates, dropout=aspp_dropout, separable=separable
+        )
+        self.decoder = Decoder(self.backbone.low_level_channels, num_classes, separable=separable)
         self.backbone_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
