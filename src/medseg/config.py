@@ -29,6 +29,9 @@ class DataConfig:
         "default"  # "default" (tuned for dermoscopy), "seed" (the specification's), "none"
     )
     num_workers: int = 0  # DataLoader processes; 0 loads in the training process
+    # Where training batches are augmented: "loader" (Albumentations in the DataLoader),
+    # "device" (on the GPU, from the uploaded cache), "auto" (device on CUDA, else loader).
+    augment_on: str = "auto"
     skip_bad: bool = False  # leave out unreadable images (listed) instead of stopping
 
 
@@ -102,6 +105,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 CHOICES = {
     ("data", "augment"): ("default", "seed", "none"),
     ("model", "variant"): ("seed", "paper"),
+    ("data", "augment_on"): ("auto", "loader", "device"),
     ("model", "backbone"): ("resnet18", "resnet34", "resnet50", "resnet101"),
     ("model", "output_stride"): (8, 16),
     ("train", "optimizer"): ("adam", "adamw"),

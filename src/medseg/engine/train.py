@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from medseg.config import Config, build_config, config_from_dict, save_config
 from medseg.data.cache import prepare
+from medseg.data.device_augment import DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
@@ -326,11 +327,13 @@ def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, p
         "pin_memory": device.type == "cuda",
         "persistent_workers": data.num_workers > 0,
     }
-    train_loader = DataLoader(
-        train_set,
-        batch_sampler=BatchSampler(train_sampler, settings.batch_size, drop_last=drop_last),
-        **common,
-    )
+    train_batches = BatchSampler(train_sampler, settings.batch_size, drop_last=drop_last)
+    if augment_on_device(data.augment_on, device):
+        train_loader = DeviceBatches(
+            train_cache, train_batches, augment=data.augment, device=device
+        )
+    else:
+        train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
     val_loader = DataLoader(
         val_set,
         batch_sampler=BatchSampler(val_sampler, settings.batch_size, drop_last=False),
@@ -342,6 +345,11 @@ def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, p
 def loss_settings(settings) -> dict[str, Any]:
     """The loss's keyword settings from the train config (only those it was asked to change)."""
     return {"per_image": True} if settings.loss_per_image else {}
+
+
+def augment_on_device(choice: str, device: torch.device) -> bool:
+    """Whether training batches are augmented on the device (``data.augment_on``)."""
+    return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
