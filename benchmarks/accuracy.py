@@ -148,7 +148,8 @@ def markdown_table(results: dict) -> str:
         + " |"
     )
     lines = [header, "|---|---:|---:|---|" + "---:|" * len(MARKDOWN_COLUMNS)]
-    for run in results["runs"].values():
+    runs = sorted(results["runs"].values(), key=lambda run: run["preset"] != "default")
+    for run in runs:  # the default recipe first
         for label, scores in run["scores"].items():
             cells = [
                 f"{scores[key]:.1f}" if key in ("hd95", "assd") else f"{scores[key]:.3f}"
