@@ -1,8 +1,8 @@
 """Compare training recipes by their validation Dice: the tool for choosing the default recipe.
 
     python benchmarks/recipes.py --variant base= --variant fp32=train.precision=fp32 --epochs 4
-    python benchmarks/recipes.py --variant bf16= --variant fp32=train.precision=fp32 \
-        --epochs 3 --train-subset 500 --set data.val_fraction=0.2   # bf16 vs float32, ~15 min
+    python benchmarks/recipes.py --variant bf16= --variant fp32=train.precision=fp32 --epochs 3 \
+        --train-subset 1000 --set data.val_fraction=0.2 --out runs/precision   # bf16 vs float32
     python benchmarks/recipes.py --variant lr2e-3=train.lr=2e-3 --variant plain=model.separable=false \\
         --epochs 20 --parallel 4 --set data.num_workers=3          # several at once on a GPU
 
