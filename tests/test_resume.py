@@ -32,7 +32,14 @@ def start(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # MEDSEG_CACHE_DIR comes from the fixture
     command = [sys.executable, "-m", "medseg", "train", *map(str, args)]
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's background job starts with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the child the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
