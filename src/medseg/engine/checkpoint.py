@@ -93,18 +93,20 @@ def model_from_checkpoint(
         raise MedsegError(
             f"{path} lacks {' and '.join(missing)}; pass a checkpoint written by medseg train"
         )
-    config = config_from_dict(with_plain_convs_if_unset(state["config"]), source=str(path))
+    config = config_of_checkpoint(state, path=path)
     model = build_model(config, pretrained=False)
     load_weights(model, state["model"], path=path)
     return model, config
 
 
-def with_plain_convs_if_unset(values: dict) -> dict:
-    # Checkpoints from before model.separable existed were all trained with plain 3×3 convs.
+def config_of_checkpoint(state: dict[str, Any], *, path: str | Path) -> Config:
+    """The validated settings a checkpoint was trained with."""
+    values = state["config"]
     model_values = values.get("model")
+    # Checkpoints from before model.separable existed were all trained with plain 3×3 convs.
     if isinstance(model_values, dict) and "separable" not in model_values:
-        return {**values, "model": {**model_values, "separable": False}}
-    return values
+        values = {**values, "model": {**model_values, "separable": False}}
+    return config_from_dict(values, source=str(path))
 
 
 def build_model(config: Config, *, pretrained: bool | str | None = None) -> DeepLabV3Plus:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
-from medseg.config import Config, build_config, config_from_dict, save_config
+from medseg.config import Config, build_config, save_config
 from medseg.data.cache import prepare
 from medseg.data.device_augment import DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
@@ -27,12 +27,12 @@ from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.engine.checkpoint import (
     build_model,
+    config_of_checkpoint,
     load_checkpoint,
     load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    with_plain_convs_if_unset,
 )
 from medseg.engine.evaluate import evaluate_loader
 from medseg.engine.runtime import (
@@ -422,8 +422,7 @@ def _resume_point(out_dir: Path, last_path: Path) -> tuple[dict[str, Any] | None
     """
     if last_path.is_file():
         state = load_checkpoint(last_path)
-        saved = with_plain_convs_if_unset(state["config"])
-        return state, config_from_dict(saved, source=str(last_path))
+        return state, config_of_checkpoint(state, path=last_path)
     if (out_dir / "config.yaml").is_file():
         return None, build_config(config_file=out_dir / "config.yaml")
     raise MedsegError(
