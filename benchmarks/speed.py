@@ -82,7 +82,7 @@ def main() -> int:
     }
     report["probe_flops_per_s"] = probe_rate(device)
     report["models"] = {}
-    names = [*MODELS, *(["compiled"] if args.compile else [])]
+    names = [*(args.models or MODELS), *(["compiled"] if args.compile else [])]
     for name in names:
         say(f"{model_label(name)} ...")
         spec = {"kind": "model", "name": name} | common_spec(args, device)
@@ -124,6 +124,9 @@ def parse_args() -> argparse.Namespace:
         "--num-workers", type=int, default=0, help="DataLoader workers of the epoch measurement"
     )
     parser.add_argument("--compile", action="store_true", help="also the recipe, torch.compiled")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), help="only these rows (default: all)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--quick", action="store_true", help="small and short: a smoke test")
     parser.add_argument("--json", type=Path, help="where to write the JSON report")
@@ -423,13 +426,20 @@ def measure_epoch(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     loss_fn = build_loss(settings.loss, **loss_settings(settings))
     train_loader.batch_sampler.sampler.set_epoch(1)
 
+    def train(batches):
+        train_one_epoch(
+            model, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            loss_fn=loss_fn, device=device, precision=precision, epoch=1,
+            channels_last=settings.channels_last, progress=False,
+        )  # fmt: skip
+
+    # Untimed steps first, as for the model rows: cuDNN picks its algorithms on the first ones.
+    if spec["warmup"] > 0:
+        train(TimedLoader(train_loader, spec["warmup"]))
+        synchronize(device)
     train_batches = TimedLoader(train_loader, spec["max_steps"])
     started = time.perf_counter()
-    train_one_epoch(
-        model, train_batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        loss_fn=loss_fn, device=device, precision=precision, epoch=1,
-        channels_last=settings.channels_last, progress=False,
-    )  # fmt: skip
+    train(train_batches)
     synchronize(device)
     train_seconds = time.perf_counter() - started
     val_batches = TimedLoader(val_loader, spec["max_steps"])
@@ -496,10 +506,10 @@ def summarize(report: dict[str, Any], args) -> dict[str, Any]:
             row[f"train_share_of_{dtype}_matmul"] = row["train_flops_per_s"] / matmul[dtype]
     recipe, smp, epoch = models.get(report["recipe"], {}), models.get("smp", {}), report["epoch"]
     summary: dict[str, Any] = {"recipe": report["recipe"]}
-    if "error" not in recipe and "error" not in smp:
+    if recipe and smp and "error" not in recipe and "error" not in smp:
         summary["train_vs_smp"] = recipe["train_images_per_s"] / smp["train_images_per_s"]
         summary["infer_vs_smp"] = recipe["infer_images_per_s"] / smp["infer_images_per_s"]
-    if "error" not in recipe:
+    if recipe and "error" not in recipe:
         summary["bf16_matmul_share"] = recipe["train_share_of_bfloat16_matmul"]
         summary["peak_gib"] = peak_bytes(recipe) / GIB
         summary["train_images_per_s"] = recipe["train_images_per_s"]
@@ -509,7 +519,7 @@ def summarize(report: dict[str, Any], args) -> dict[str, Any]:
     for precision in ("bf16", "fp32"):
         cl, nchw = models.get(f"{precision}-cl", {}), models.get(f"{precision}-nchw")
         nchw = nchw or (models.get("usual") if precision == "fp32" else None)
-        if nchw and "error" not in cl and "error" not in nchw:
+        if cl and nchw and "error" not in cl and "error" not in nchw:
             summary[f"{precision}_channels_last_train_gain"] = (
                 cl["train_images_per_s"] / nchw["train_images_per_s"]
             )

@@ -624,7 +624,7 @@ def test_loss_that_becomes_nan_stops_and_keeps_the_earlier_checkpoints(
     refused(
         capsys,
         "train", "--data", synthetic_root, "--out", out, *TINY, "--epochs", "3", "--batch-size", "4",
-        expect=["loss became nan at epoch 2, step 2", "kept", "lower --lr"],
+        expect=["loss became nan by epoch 2, step 2", "kept", "lower --lr"],
     )  # fmt: skip
     assert set(at_failure) == {"best.pt", "last.pt"}
     assert snapshot(checkpoints) == at_failure

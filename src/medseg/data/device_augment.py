@@ -73,7 +73,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for items in self.batch_sampler:
-            indices = torch.tensor([index for index, _ in items], device=self.device)
+            indices = upload(torch.tensor([index for index, _ in items]), self.device)
             seeds = [seed for _, seed in items]
             images = self.images[indices].permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
             masks = self.masks[indices].unsqueeze(1).float().clamp_(max=1)  # (N, 1, S, S)
@@ -86,7 +86,7 @@ def augment_batch(
     """Augment a batch (images in [0, 1], masks in {0, 1}) and normalise the images."""
     rngs = [np.random.default_rng(seed) for seed in seeds]
     if augment != "none":
-        theta = torch.stack([_geometry(rng, augment) for rng in rngs]).to(images.device)
+        theta = upload(torch.stack([_geometry(rng, augment) for rng in rngs]), images.device)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         # Reflected borders, as the CPU pipeline's BORDER_REFLECT_101; the seed pipeline's
         # rotation fills with black, as its Albumentations Rotate does.
@@ -97,9 +97,21 @@ def augment_batch(
         images = _colour(images, rngs, seeds)
     elif augment == "seed":
         images = _noise(images, rngs, seeds, probability=0.2, std_range=(0.02, 0.1))
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = upload(torch.tensor(IMAGENET_MEAN), images.device).view(1, 3, 1, 1)
+    std = upload(torch.tensor(IMAGENET_STD), images.device).view(1, 3, 1, 1)
     return {"image": (images - mean) / std, "mask": masks}
+
+
+def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without stalling the host.
+
+    A copy from ordinary (pageable) memory to a GPU first waits for all the work queued on the
+    stream, here the previous training step: the host could not prepare the next batch while
+    the GPU computes. From pinned memory the copy is queued like a kernel instead.
+    """
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 # --- geometry ---------------------------------------------------------------------------------
@@ -164,7 +176,7 @@ def _colour(images: torch.Tensor, rngs: list[np.random.Generator], seeds: list[i
     gamma = np.array([rng.uniform(0.8, 1.2) if rng.random() < 0.3 else 1.0 for rng in rngs])
 
     def per_image(values) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=images.dtype, device=images.device).view(n, 1, 1, 1)
+        return upload(torch.as_tensor(values, dtype=images.dtype), images.device).view(n, 1, 1, 1)
 
     images = images * per_image(brightness)
     mean_grey = _grey(images).mean((2, 3), keepdim=True)
@@ -177,7 +189,7 @@ def _colour(images: torch.Tensor, rngs: list[np.random.Generator], seeds: list[i
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
-    weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    weights = upload(_RGB_TO_YIQ[0], images.device).view(1, 3, 1, 1)  # luma
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -188,7 +200,7 @@ def _turn_hue(images: torch.Tensor, hue: np.ndarray) -> torch.Tensor:
     turns = torch.zeros(len(hue), 3, 3)
     turns[:, 0, 0] = 1
     turns[:, 1, 1], turns[:, 1, 2], turns[:, 2, 1], turns[:, 2, 2] = cos, -sin, sin, cos
-    matrices = (_YIQ_TO_RGB @ turns @ _RGB_TO_YIQ).to(images.device, images.dtype)  # (N, 3, 3)
+    matrices = upload((_YIQ_TO_RGB @ turns @ _RGB_TO_YIQ).to(images.dtype), images.device)
     return torch.einsum("nij,njhw->nihw", matrices, images)
 
 
@@ -199,5 +211,5 @@ def _noise(images, rngs, seeds, *, probability: float, std_range: tuple[float, f
         return images
     generator = torch.Generator(images.device).manual_seed(int(sum(seeds)) % 2**63)
     noise = torch.randn(images.shape, generator=generator, device=images.device)
-    scale = torch.as_tensor(stds, dtype=images.dtype, device=images.device).view(-1, 1, 1, 1)
+    scale = upload(torch.as_tensor(stds, dtype=images.dtype), images.device).view(-1, 1, 1, 1)
     return (images + noise * scale).clamp(0, 1)
