@@ -36,6 +36,8 @@ def test_seed_preset_reproduces_the_specification():
     assert config.train.weight_decay == 0.0
     assert config.train.loss == "dice_bce"
     assert config.data.augment == "seed"
+    assert config.data.image_size == 256
+    assert config.model.separable is False
     # Settings the preset does not name keep their defaults.
     assert config.train.batch_size == 16
 

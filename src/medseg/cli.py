@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from medseg.config import DataConfig
 from medseg.errors import MedsegError
 
 
@@ -345,7 +346,9 @@ def _add_prepare(commands) -> None:
     parser.add_argument(
         "data", help="data root (train/, val/, test/) or a folder with images/ and masks/"
     )
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--size", type=int, default=DataConfig().image_size, help="side in pixels (data.image_size)"
+    )
     parser.add_argument("--mask-suffix", default="_segmentation")
     parser.add_argument("--skip-bad", action="store_true")
     parser.set_defaults(handler=_run_prepare)
