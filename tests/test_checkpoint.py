@@ -224,3 +224,19 @@ def test_failing_save_checkpoint_leaves_the_earlier_file_intact(trained, monkeyp
 
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
+
+
+def test_predictor_runs_at_the_checkpoints_image_size_not_todays_default(tiny_checkpoint):
+    # A model trained at 64×64 must see 64×64 inputs, whatever the default size has become
+    # since (it was 256 before the default recipe moved to 160).
+    from medseg.config import DataConfig
+    from medseg.inference import Predictor
+
+    assert DataConfig().image_size != 64
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", tta="none")
+    seen = []
+    predictor.model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    (probability,) = predictor.probabilities([image])
+    assert seen[0].shape[-2:] == (64, 64)
+    assert probability.shape == (50, 70)
