@@ -20,6 +20,7 @@ the same whatever the device, and a resumed run sees the same augmentations.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -97,8 +98,7 @@ def augment_batch(
         images = _colour(images, rngs, seeds)
     elif augment == "seed":
         images = _noise(images, rngs, seeds, probability=0.2, std_range=(0.02, 0.1))
-    mean = upload(torch.tensor(IMAGENET_MEAN), images.device).view(1, 3, 1, 1)
-    std = upload(torch.tensor(IMAGENET_STD), images.device).view(1, 3, 1, 1)
+    mean, std, _ = _constants(images.device)
     return {"image": (images - mean) / std, "mask": masks}
 
 
@@ -112,6 +112,13 @@ def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
+
+
+@functools.cache
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std and the luma weights, (1, 3, 1, 1) each, uploaded once per device."""
+    rows = (torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD), _RGB_TO_YIQ[0])
+    return tuple(row.to(device).view(1, 3, 1, 1) for row in rows)
 
 
 # --- geometry ---------------------------------------------------------------------------------
@@ -189,7 +196,7 @@ def _colour(images: torch.Tensor, rngs: list[np.random.Generator], seeds: list[i
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
-    weights = upload(_RGB_TO_YIQ[0], images.device).view(1, 3, 1, 1)  # luma
+    _, _, weights = _constants(images.device)
     return (images * weights).sum(1, keepdim=True)
 
 
