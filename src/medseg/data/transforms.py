@@ -14,6 +14,7 @@ from medseg.errors import MedsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("default", "seed", "none")  # the training pipelines train_transform builds
 
 
 def eval_transform(size: int) -> A.Compose:
@@ -38,7 +39,9 @@ def train_transform(size: int, augment: str = "default") -> A.Compose:
         )
     if augment == "default":
         return A.Compose([*_dermoscopy_geometry(size), *_dermoscopy_colour(), *_to_network()])
-    raise MedsegError(f"unknown augmentation {augment!r}; choose one of default, seed, none")
+    raise MedsegError(
+        f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}"
+    )
 
 
 def _dermoscopy_geometry(size: int) -> list:

@@ -35,6 +35,9 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks this process's CUDA device when there is one, else the CPU."""
     if name == "auto":
