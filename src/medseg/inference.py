@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from medseg.config import Config
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
-from medseg.data.transforms import eval_transform
+from medseg.data.transforms import eval_transform, resize_image
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
 from medseg.errors import MedsegError
@@ -119,9 +118,7 @@ class Predictor:
             total += _unorient(torch.sigmoid(logits.float()), turns, flip)
         maps = (total / len(views))[:, 0].cpu().numpy()
         return [
-            cv2.resize(
-                probability, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR
-            )
+            resize_image(probability, image.shape[:2])
             for probability, image in zip(maps, images, strict=True)
         ]
 

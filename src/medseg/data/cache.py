@@ -19,12 +19,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from medseg.data.folder import Sample, check_pair
 from medseg.data.io import read_image, read_mask
+from medseg.data.transforms import resize_image, resize_mask
 from medseg.errors import MedsegError
 from medseg.files import atomic_path, write_text
 
@@ -93,10 +93,8 @@ def _decode_all(samples: list[Sample], size: int, *, skip_bad: bool, progress: b
                 raise MedsegError(f"{error} (or pass --skip-bad to train without it)") from error
             bad.append(str(error))
             continue
-        images[len(kept)] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        # Resize the mask smoothly and cut at half, so its edge moves with the image's edge.
-        soft = cv2.resize(mask.astype(np.uint8) * 255, (size, size), interpolation=cv2.INTER_LINEAR)
-        masks[len(kept)] = soft > 127
+        images[len(kept)] = resize_image(image, size)
+        masks[len(kept)] = resize_mask(mask, size)
         kept.append(index)
     if not kept:
         raise MedsegError(
