@@ -61,6 +61,30 @@ def test_compiled_network_computes_what_the_network_does():
     assert list(compiled.parameters()) == list(network.parameters())
 
 
+class RaisesOutOfMemory(nn.Module):
+    def forward(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+@pytest.mark.parametrize(
+    ("network", "images", "error"),
+    [
+        (RaisesOutOfMemory(), torch.randn(2, 3, 8, 8), torch.OutOfMemoryError),
+        (nn.Linear(5, 2), torch.randn(2, 3), RuntimeError),  # mat1 and mat2 shapes differ
+    ],
+    ids=["out-of-memory", "shape-mismatch"],
+)
+def test_errors_of_the_network_itself_propagate_and_compile_stays_on(
+    network, images, error, capsys
+):
+    compiled = CompiledOrEager(network, backend="eager")
+    with pytest.raises(error) as raised:
+        compiled(images)
+    assert type(raised.value) is error  # not torch's wrapper of it
+    assert not compiled.failed
+    assert "torch.compile failed" not in capsys.readouterr().err
+
+
 def test_failed_compile_warns_once_and_runs_uncompiled(capsys):
     network = small_network()
     images = torch.randn(2, 3, 8, 8)

@@ -227,13 +227,39 @@ def sync_batchnorm(model: nn.Module, *, device: torch.device, ranks: Ranks) -> n
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+@functools.cache
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What compiling raises, as opposed to what the module itself raises (out of memory).
+
+    TorchRuntimeError can be either: `CompiledOrEager.forward` tells them apart. A backend's
+    failures (inductor's C++ and Triton errors included) arrive wrapped in BackendCompilerFailed;
+    the inductor errors are listed too in case a torch version lets them through unwrapped.
+    Imported here, not with this module: importing torch._dynamo takes a second.
+    """
+    import torch._dynamo.exc as dynamo
+    import torch._inductor.exc as inductor
+
+    return (
+        dynamo.BackendCompilerFailed,
+        dynamo.Unsupported,
+        dynamo.InternalTorchDynamoError,
+        dynamo.TorchRuntimeError,
+        inductor.InvalidCxxCompiler,
+        inductor.CppCompileError,
+        inductor.OperatorIssue,
+        inductor.TritonMissing,
+        inductor.GPUTooOldForTriton,
+    )
+
+
 class CompiledOrEager(nn.Module):
     """``torch.compile(module)`` that falls back to ``module`` itself when compiling fails.
 
     Compiling happens at the first call (and again for new input shapes), so that is where a
     missing C++ compiler or an unsupported operation shows up: it is reported in one line on
-    stderr and every later call runs the module uncompiled. The wrapper owns no parameters of
-    its own; save ``module``'s state dict, not the wrapper's.
+    stderr and every later call runs the module uncompiled. Errors of the module itself (out of
+    memory, wrong shapes) propagate unchanged and leave compilation on. The wrapper owns no
+    parameters of its own; save ``module``'s state dict, not the wrapper's.
     """
 
     def __init__(
@@ -251,17 +277,27 @@ class CompiledOrEager(nn.Module):
         self.failed = False
 
     def forward(self, *args, **kwargs):
-        if not self.failed:
-            try:
-                return self._compiled(*args, **kwargs)
-            except Exception as error:  # any failure to compile: run uncompiled instead
-                self.failed = True
-                cause = error  # the compiler's own complaint, under torch's wrappers
-                while (inner := getattr(cause, "inner_exception", cause.__cause__)) is not None:
-                    cause = inner
-                reason = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:200]
-                print(
-                    f"medseg: warning: torch.compile failed ({reason}); continuing uncompiled",
-                    file=sys.stderr,
-                )
-        return self.module(*args, **kwargs)
+        if self.failed:
+            return self.module(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except _compile_errors() as error:
+            failure = error
+        # Tracing runs the module on fake tensors, so the module's own errors (a shape mismatch)
+        # also arrive as TorchRuntimeError. Run eagerly, outside the handler, the module raises
+        # its error as it is, and compilation stays on; if it runs, the compiler was at fault.
+        output = self.module(*args, **kwargs)
+        self._give_up(failure)
+        return output
+
+    def _give_up(self, error: Exception) -> None:
+        """Switch compilation off for good and say why in one line on stderr."""
+        self.failed = True
+        cause = error  # the compiler's own complaint, under torch's wrappers
+        while (inner := getattr(cause, "inner_exception", cause.__cause__)) is not None:
+            cause = inner
+        reason = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:200]
+        print(
+            f"medseg: warning: torch.compile failed ({reason}); continuing uncompiled",
+            file=sys.stderr,
+        )
