@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from medseg.cli import main
 from medseg.config import build_config
 from medseg.engine.runtime import (
     CompiledOrEager,
     Ranks,
     all_gather_counts,
     mean_across_ranks,
+    parse_device,
+    select_device,
     select_precision,
     sync_batchnorm,
 )
@@ -33,8 +38,74 @@ def test_precision_choices():
     assert select_precision("fp32", cpu).dtype is None
     assert select_precision("bf16", cpu).dtype is torch.bfloat16
     assert select_precision("auto", cpu).name in ("bf16", "fp32")
-    with pytest.raises(MedsegError, match="fp16 needs a CUDA device"):
+    with pytest.raises(MedsegError, match="fp16 needs a CUDA or MPS device"):
         select_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize(
+    ("name", "device"),
+    [
+        ("cpu", torch.device("cpu")),
+        ("mps", torch.device("mps")),
+        ("cuda", torch.device("cuda")),
+        ("cuda:0", torch.device("cuda", 0)),
+        ("cuda:12", torch.device("cuda", 12)),
+    ],
+)
+def test_parse_device_reads_the_valid_forms(name, device):
+    assert parse_device(name) == device
+
+
+@pytest.mark.parametrize(
+    "name", ["foo", "", "CPU", "cuda:", "cuda:-1", "cuda:0x", "gpu", "cpu:0", "mps:1"]
+)
+def test_parse_device_refuses_anything_else_in_one_line(name):
+    with pytest.raises(
+        MedsegError, match="unknown device .*; use auto, cpu, mps, cuda or cuda:N"
+    ) as error:
+        parse_device(name)
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert parse_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert parse_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert parse_device("auto") == torch.device("cuda", 1)
+
+
+def test_select_device_refuses_devices_this_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(MedsegError, match="CUDA is not available; use --device cpu"):
+        select_device("cuda:0")
+    with pytest.raises(MedsegError, match="MPS is not available; use --device cpu"):
+        select_device("mps")
+    with pytest.raises(MedsegError, match="unknown device 'foo'"):
+        select_device("foo")
+
+
+def test_cli_names_a_bad_device_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), "--input", str(image)]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--device", "foo"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "unknown device 'foo'" in error[0]
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="Apple's MPS is not available")
+def test_auto_runs_on_mps_in_float32_where_there_is_one():
+    device = select_device("auto")
+    assert device.type == "mps"
+    assert select_precision("auto", device).dtype is None
+    network = small_network().to(device)
+    assert network(torch.randn(2, 3, 8, 8, device=device)).device.type == "mps"
 
 
 def test_sync_batchnorm_is_for_several_gpu_processes():

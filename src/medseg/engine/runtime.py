@@ -7,6 +7,7 @@ import functools
 import inspect
 import os
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from medseg.errors import MedsegError
 
 @dataclass(frozen=True)
 class Precision:
-    """An autocast choice: ``dtype`` None means float32; ``scale_loss`` for float16 on CUDA."""
+    """An autocast choice: ``dtype`` None means float32; ``scale_loss`` for float16."""
 
     name: str
     dtype: torch.dtype | None
@@ -38,16 +39,42 @@ class Precision:
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks this process's CUDA device when there is one, else the CPU."""
+DEVICE_FORMS = "auto, cpu, mps, cuda or cuda:N (N: a GPU's index, e.g. cuda:0)"
+
+
+def parse_device(name: str) -> torch.device:
+    """The device ``name`` stands for: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``.
+
+    ``auto`` is resolved to this process's CUDA device, else Apple's MPS, else the CPU. Whether an
+    explicitly named device exists is `select_device`'s check; this only reads the name.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", name):
+        raise MedsegError(f"unknown device {name!r}; use {DEVICE_FORMS}")
+    return torch.device(name)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`parse_device`, refusing a device this machine does not have."""
+    device = parse_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MedsegError(
+                f"device {name!r} was asked for but CUDA is not available; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MedsegError(
+                f"device {name!r} was asked for but this machine has "
+                f"{torch.cuda.device_count()} GPUs (cuda:0 ...); pick one of them"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise MedsegError(
-            f"device {name!r} was asked for but CUDA is not available; use --device cpu"
+            f"device {name!r} was asked for but Apple's MPS is not available; use --device cpu"
         )
     return device
 
@@ -70,14 +97,20 @@ def select_precision(name: str, device: torch.device) -> Precision:
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "mps":
+            # Autocast on MPS accepts fp16 (and bf16 from macOS 14), but medseg has not been
+            # measured there, neither its speed nor its Dice: float32 until it has.
+            name = "fp32"
         else:
             name = "bf16" if cpu_has_fast_bfloat16() else "fp32"
     if name == "fp32":
         return Precision("fp32", None)
     if name == "bf16":
+        if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+            raise MedsegError("precision bf16 on MPS needs macOS 14 or newer; use fp16 or fp32")
         return Precision("bf16", torch.bfloat16)
-    if device.type != "cuda":
-        raise MedsegError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    if device.type not in ("cuda", "mps"):
+        raise MedsegError("precision fp16 needs a CUDA or MPS device; on a CPU use bf16 or fp32")
     return Precision("fp16", torch.float16, scale_loss=True)
 
 
