@@ -9,6 +9,7 @@ and travels inside every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -106,33 +107,72 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-CHOICES = {
-    ("data", "augment"): ("default", "seed", "none"),
-    ("model", "variant"): ("seed", "paper"),
-    ("data", "augment_on"): ("auto", "loader", "device"),
-    ("model", "backbone"): ("resnet18", "resnet34", "resnet50", "resnet101"),
-    ("model", "output_stride"): (8, 16),
-    ("train", "optimizer"): ("adam", "adamw"),
-    ("train", "schedule"): ("constant", "cosine", "poly"),
-    ("train", "loss"): ("dice_bce", "dice", "iou", "focal", "dice_focal"),
-    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
-}
 
-# (section, key) -> smallest allowed value and whether it may equal it
-LOWER_BOUNDS = {
-    ("data", "image_size"): (32, True),
-    ("data", "val_fraction"): (0.0, False),
-    ("data", "num_workers"): (0, True),
-    ("model", "aspp_dropout"): (0.0, True),
-    ("train", "epochs"): (1, True),
-    ("train", "batch_size"): (1, True),
-    ("train", "lr"): (0.0, False),
-    ("train", "weight_decay"): (0.0, True),
-    ("train", "warmup_epochs"): (0.0, True),
-    ("train", "freeze_backbone_epochs"): (0, True),
-    ("train", "patience"): (0, True),
-    ("train", "threshold"): (0.0, False),
-    ("train", "grad_clip"): (0.0, True),
+def choices() -> dict[tuple[str, str], tuple]:
+    """Every setting with a fixed list of values, each list taken from the registry that owns it."""
+    from medseg.data.transforms import AUGMENTATIONS
+    from medseg.engine.runtime import PRECISIONS
+    from medseg.losses import LOSSES
+    from medseg.model import RESNETS, VARIANTS
+
+    return {
+        ("data", "augment"): AUGMENTATIONS,
+        ("data", "augment_on"): ("auto", "loader", "device"),
+        ("model", "backbone"): tuple(RESNETS),
+        ("model", "variant"): VARIANTS,
+        ("model", "output_stride"): (8, 16),
+        ("train", "optimizer"): ("adam", "adamw"),
+        ("train", "schedule"): ("constant", "cosine", "poly"),
+        ("train", "loss"): tuple(LOSSES),
+        ("train", "precision"): PRECISIONS,
+    }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``low``/``high`` None means unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is excluded
+    high_open: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'greater than' if self.low_open else 'at least'} {self.low}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {self.high}")
+        return " and ".join(parts)
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (
+            self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        )
+
+
+NON_NEGATIVE = Range(low=0)
+POSITIVE = Range(low=0, low_open=True)
+PROBABILITY = Range(low=0, high=1, low_open=True, high_open=True)  # strictly between 0 and 1
+
+# (section, key) -> the range of a numeric setting. Every float must also be finite.
+RANGES = {
+    ("data", "image_size"): Range(low=32),
+    ("data", "val_fraction"): PROBABILITY,
+    ("data", "num_workers"): NON_NEGATIVE,
+    ("model", "aspp_dropout"): Range(low=0, high=1, high_open=True),
+    ("train", "epochs"): Range(low=1),
+    ("train", "batch_size"): Range(low=1),
+    ("train", "lr"): POSITIVE,
+    ("train", "weight_decay"): NON_NEGATIVE,
+    ("train", "warmup_epochs"): NON_NEGATIVE,
+    ("train", "freeze_backbone_epochs"): NON_NEGATIVE,
+    ("train", "patience"): NON_NEGATIVE,
+    ("train", "threshold"): PROBABILITY,
+    ("train", "grad_clip"): NON_NEGATIVE,
+    ("train", "seed"): Range(low=0, high=2**32 - 1),
 }
 
 
@@ -164,6 +204,24 @@ def config_from_dict(values: dict[str, Any], *, source: str = "checkpoint") -> C
     return config
 
 
+def config_from_saved(values: dict[str, Any], *, source: str) -> Config:
+    """The config an earlier run saved (a checkpoint's, or its config.yaml).
+
+    Model settings that run predates take the value it was trained with, not today's default.
+    """
+    from medseg.model import LEGACY_SETTINGS
+
+    model_values = values.get("model")
+    if isinstance(model_values, dict):
+        values = {**values, "model": {**LEGACY_SETTINGS, **model_values}}
+    return config_from_dict(values, source=source)
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """A run folder's config.yaml, with `config_from_saved`'s rules for older runs."""
+    return config_from_saved(_read_yaml(Path(path)), source=str(path))
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     from medseg.files import write_text
@@ -172,33 +230,42 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def validate(config: Config) -> None:
-    """Refuse impossible values, naming the key: a negative lr, a batch of 0, an unknown loss."""
-    for (section, key), allowed in CHOICES.items():
+    """Refuse impossible values, naming the key: a negative lr, a NaN threshold, an unknown loss.
+
+    Runs whenever a config is built, and again on a checkpoint's or run folder's config, so a
+    setting that could only give a useless model never reaches training or prediction.
+    """
+    for (section, key), allowed in choices().items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise MedsegError(
                 f"{section}.{key}={value!r} is not valid; choose one of {', '.join(map(str, allowed))}"
             )
-    for (section, key), (bound, inclusive) in LOWER_BOUNDS.items():
+    for section in fields(config):
+        for setting in fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MedsegError(
+                    f"{section.name}.{setting.name}={value!r} is impossible; it must be a finite number"
+                )
+    for (section, key), allowed_range in RANGES.items():
         value = getattr(getattr(config, section), key)
-        if value < bound or (value == bound and not inclusive):
-            relation = "at least" if inclusive else "greater than"
+        if not allowed_range.holds(value):
             raise MedsegError(
-                f"{section}.{key}={value!r} is impossible; it must be {relation} {bound}"
+                f"{section}.{key}={value!r} is impossible; it must be {allowed_range.describe()}"
             )
     if config.train.loss_per_image and config.train.loss not in ("dice_bce", "dice", "dice_focal"):
         raise MedsegError(
             f"train.loss_per_image needs a Dice loss (dice_bce, dice, dice_focal), "
             f"not {config.train.loss!r}"
         )
-    if config.data.val_fraction >= 1:
-        raise MedsegError(f"data.val_fraction={config.data.val_fraction} must be below 1")
-    if config.train.threshold >= 1:
-        raise MedsegError(f"train.threshold={config.train.threshold} must be below 1")
     if config.model.variant == "seed" and config.model.output_stride != 16:
         raise MedsegError(
             "model.output_stride=8 needs model.variant=paper (the seed variant is stride 16)"
         )
+    from medseg.engine.runtime import parse_device
+
+    parse_device(config.train.device)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -272,7 +339,9 @@ __all__ = [
     "PRESETS",
     "build_config",
     "config_from_dict",
+    "config_from_saved",
     "parse_override",
+    "read_saved_config",
     "save_config",
     "validate",
 ]
