@@ -67,13 +67,14 @@ def tiny_checkpoint(tmp_path_factory):
     Shared by the whole session: copy it before changing it.
     """
     from medseg.config import build_config
-    from medseg.engine.checkpoint import build_model, save_checkpoint
+    from medseg.engine.checkpoint import save_checkpoint
+    from medseg.model import DeepLabV3Plus
 
     config = build_config(
         overrides={"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64}
     )
     torch.manual_seed(0)
-    model = build_model(config)
+    model = DeepLabV3Plus.from_config(config.model)
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "best.pt"
     save_checkpoint(
         path, {"config": config.to_dict(), "model": model.state_dict(), "epoch": 1, "metrics": {}}

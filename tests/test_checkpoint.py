@@ -8,7 +8,6 @@ import torch
 
 from medseg.config import build_config
 from medseg.engine.checkpoint import (
-    build_model,
     load_checkpoint,
     load_weights,
     model_from_checkpoint,
@@ -18,6 +17,7 @@ from medseg.engine.checkpoint import (
 )
 from medseg.errors import MedsegError
 from medseg.files import atomic_path
+from medseg.model import DeepLabV3Plus
 
 
 def small_config(backbone="resnet18"):
@@ -29,7 +29,7 @@ def trained(tmp_path):
     """A resnet18 model whose BatchNorm statistics moved away from their initial values."""
     torch.manual_seed(0)
     config = small_config()
-    model = build_model(config).train()
+    model = DeepLabV3Plus.from_config(config.model).train()
     model(torch.randn(2, 3, 64, 64))  # updates running means, so they must travel too
     path = tmp_path / "run" / "best.pt"
     save_checkpoint(
@@ -72,7 +72,7 @@ def test_missing_checkpoint(tmp_path):
 
 def test_plain_state_dict_is_not_a_medseg_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
-    torch.save(build_model(small_config()).state_dict(), path)
+    torch.save(DeepLabV3Plus.from_config(small_config().model).state_dict(), path)
     with pytest.raises(MedsegError, match="weights.pt is not a medseg checkpoint"):
         load_checkpoint(path)
 
@@ -104,7 +104,7 @@ def test_newer_checkpoint_version_is_refused(tmp_path):
 def test_weights_of_another_backbone_are_refused(trained):
     path, _, _ = trained
     state = load_checkpoint(path)
-    other = build_model(small_config("resnet34"))
+    other = DeepLabV3Plus.from_config(small_config("resnet34").model)
     with pytest.raises(MedsegError, match="made for another model: .* weights missing"):
         load_weights(other, state["model"], path=path)
 
@@ -114,7 +114,7 @@ def test_weights_of_another_shape_are_refused(trained):
     weights = dict(load_checkpoint(path)["model"])
     # Five ASPP branches of 256 channels are projected; a checkpoint with four does not fit.
     weights["aspp.project.0.0.weight"] = torch.zeros(256, 1024, 1, 1)
-    model = build_model(small_config())
+    model = DeepLabV3Plus.from_config(small_config().model)
     expected = r"another model: aspp.project.0.0.weight has shape \(256, 1024, 1, 1\), this model expects \(256, 1280, 1, 1\)"
     with pytest.raises(MedsegError, match=expected):
         load_weights(model, weights, path=path)

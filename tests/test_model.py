@@ -296,7 +296,6 @@ def test_separable_head_has_depthwise_convs_and_far_fewer_flops_than_plain():
 def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
     from medseg.config import build_config
     from medseg.engine.checkpoint import (
-        build_model,
         load_checkpoint,
         model_from_checkpoint,
         save_checkpoint,
@@ -309,7 +308,7 @@ def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
             "model.pretrained": False,
         }
     )
-    weights = build_model(config).state_dict()
+    weights = DeepLabV3Plus.from_config(config.model).state_dict()
     old_config = config.to_dict()
     del old_config["model"]["separable"]
     path = tmp_path / "old.pt"

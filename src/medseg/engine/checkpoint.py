@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config import Config, config_from_dict
+from medseg.config import Config, config_from_saved
+from medseg.engine.run_folder import RunFolder
 from medseg.errors import MedsegError
 from medseg.files import atomic_path
 from medseg.model import DeepLabV3Plus
@@ -81,7 +82,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint file ``path`` names: the file itself, or a run folder's checkpoints/best.pt."""
     path = Path(path)
-    return _checkpoint_in_run(path) if path.is_dir() else path
+    return RunFolder(path).best_checkpoint() if path.is_dir() else path
 
 
 def model_from_checkpoint(
@@ -94,33 +95,14 @@ def model_from_checkpoint(
             f"{path} lacks {' and '.join(missing)}; pass a checkpoint written by medseg train"
         )
     config = config_of_checkpoint(state, path=path)
-    model = build_model(config, pretrained=False)
+    model = DeepLabV3Plus.from_config(config.model, pretrained=False)
     load_weights(model, state["model"], path=path)
     return model, config
 
 
 def config_of_checkpoint(state: dict[str, Any], *, path: str | Path) -> Config:
     """The validated settings a checkpoint was trained with."""
-    values = state["config"]
-    model_values = values.get("model")
-    # Checkpoints from before model.separable existed were all trained with plain 3×3 convs.
-    if isinstance(model_values, dict) and "separable" not in model_values:
-        values = {**values, "model": {**model_values, "separable": False}}
-    return config_from_dict(values, source=str(path))
-
-
-def build_model(config: Config, *, pretrained: bool | str | None = None) -> DeepLabV3Plus:
-    """The DeepLabV3Plus a config describes (``pretrained`` overrides the config's choice)."""
-    model_config = config.model
-    return DeepLabV3Plus(
-        num_classes=1,
-        backbone=model_config.backbone,
-        variant=model_config.variant,
-        output_stride=model_config.output_stride,
-        pretrained=model_config.pretrained if pretrained is None else pretrained,
-        aspp_dropout=model_config.aspp_dropout,
-        separable=model_config.separable,
-    )
+    return config_from_saved(state["config"], source=str(path))
 
 
 def load_weights(
@@ -187,12 +169,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _checkpoint_in_run(run_dir: Path) -> Path:
-    for candidate in (run_dir / "checkpoints" / "best.pt", run_dir / "best.pt"):
-        if candidate.is_file():
-            return candidate
-    raise MedsegError(
-        f"{run_dir} is a folder without checkpoints/best.pt; pass the .pt file itself"
-    )

@@ -51,8 +51,22 @@ class ImagePooling(nn.Module):
         self.project = conv_bn_relu(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.project(F.adaptive_avg_pool2d(x, 1))  # (N, C, 1, 1)
-        return pooled.expand(-1, -1, x.shape[-2], x.shape[-1])
+        pooled = F.adaptive_avg_pool2d(x, 1)  # (N, C_in, 1, 1)
+        if self.training and x.shape[0] == 1:
+            # One image gives BatchNorm a single value per channel, whose variance is undefined:
+            # normalise it with the running statistics instead (and leave them unchanged).
+            projected = self._project_with_running_statistics(pooled)
+        else:
+            projected = self.project(pooled)  # (N, C, 1, 1)
+        return projected.expand(-1, -1, x.shape[-2], x.shape[-1])
+
+    def _project_with_running_statistics(self, pooled: torch.Tensor) -> torch.Tensor:
+        convolution, batchnorm, relu = self.project
+        batchnorm.eval()
+        try:
+            return relu(batchnorm(convolution(pooled)))
+        finally:
+            batchnorm.train()
 
 
 class ASPP(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,14 @@ from torch import nn
 from medseg.model.aspp import ASPP
 from medseg.model.backbone import build_backbone
 from medseg.model.decoder import Decoder
+
+if TYPE_CHECKING:
+    from medseg.config import ModelConfig
+
+
+# Model settings added after checkpoints had been written, with the value those older runs
+# used: a saved config without the key was trained that way.
+LEGACY_SETTINGS = {"separable": False}
 
 
 class DeepLabV3Plus(nn.Module):
@@ -54,6 +63,21 @@ class DeepLabV3Plus(nn.Module):
         )
         self.decoder = Decoder(self.backbone.low_level_channels, num_classes, separable=separable)
         self.backbone_frozen = False
+
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig, *, num_classes: int = 1, pretrained: bool | str | None = None
+    ) -> DeepLabV3Plus:
+        """The network a run's ``model`` settings describe (``pretrained`` overrides theirs)."""
+        return cls(
+            num_classes=num_classes,
+            backbone=config.backbone,
+            variant=config.variant,
+            output_stride=config.output_stride,
+            pretrained=config.pretrained if pretrained is None else pretrained,
+            aspp_dropout=config.aspp_dropout,
+            separable=config.separable,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
