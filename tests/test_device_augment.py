@@ -82,3 +82,47 @@ def test_training_with_device_augmentation(synthetic_root, tmp_path, tiny_flags)
     flags = [*tiny_flags, "--epochs", "1", "--set", "data.augment_on=device"]
     assert main(["train", "--data", str(synthetic_root), "--out", str(run), *flags]) == 0
     assert (run / "checkpoints" / "best.pt").is_file()
+
+
+def grey_batch(n: int, size: int = 32):
+    """Uniform grey images: whatever the geometry does, their three channels stay equal."""
+    return torch.full((n, 3, size, size), 0.5), torch.zeros(n, 1, size, size)
+
+
+def noise_of(image: torch.Tensor) -> torch.Tensor:
+    """Red minus green of an augmented grey image: 0 without noise (drawn per channel)."""
+    pixels = unnormalise(image.unsqueeze(0))[0]
+    return (pixels[0] - pixels[1]).flatten()
+
+
+def is_noisy(image: torch.Tensor) -> bool:
+    return noise_of(image).abs().max().item() > 1e-3
+
+
+def test_an_items_noise_depends_on_its_own_seed_not_on_its_batch():
+    seeds = list(range(40))
+    images, masks = grey_batch(len(seeds))
+    together = augment_batch(images, masks, seeds=seeds, augment="seed")["image"]
+    noisy = 0
+    for index, seed in enumerate(seeds):
+        with_a = augment_batch(images[:2], masks[:2], seeds=[seed, 1000], augment="seed")["image"]
+        with_b = augment_batch(images[:2], masks[:2], seeds=[seed, 2000], augment="seed")["image"]
+        assert torch.equal(with_a[0], with_b[0]) and torch.equal(with_a[0], together[index])
+        noisy += is_noisy(with_a[0])
+    assert 3 <= noisy <= 15  # the seed pipeline adds noise to a fifth of the images
+
+
+def test_batches_whose_seeds_add_up_alike_get_different_noise():
+    images, masks = grey_batch(1)
+    noisy = [
+        seed
+        for seed in range(40)
+        if is_noisy(augment_batch(images, masks, seeds=[seed], augment="seed")["image"][0])
+    ]
+    first, second = noisy[:2]
+    images, masks = grey_batch(2)
+    # [first, 1000 + second] and [second, 1000 + first] have the same sum.
+    one = augment_batch(images, masks, seeds=[first, 1000 + second], augment="seed")["image"]
+    two = augment_batch(images, masks, seeds=[second, 1000 + first], augment="seed")["image"]
+    correlation = torch.corrcoef(torch.stack([noise_of(one[0]), noise_of(two[0])]))[0, 1]
+    assert abs(correlation.item()) < 0.2, correlation

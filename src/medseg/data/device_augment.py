@@ -95,9 +95,9 @@ def augment_batch(
         images = F.grid_sample(images, grid, "bilinear", padding, align_corners=False)
         masks = F.grid_sample(masks, grid, "nearest", padding, align_corners=False)
     if augment == "default":
-        images = _colour(images, rngs, seeds)
+        images = _colour(images, rngs)
     elif augment == "seed":
-        images = _noise(images, rngs, seeds, probability=0.2, std_range=(0.02, 0.1))
+        images = _noise(images, rngs, probability=0.2, std_range=(0.02, 0.1))
     mean, std, _ = _constants(images.device)
     return {"image": (images - mean) / std, "mask": masks}
 
@@ -172,7 +172,7 @@ def _rotation(degrees: float, scale: float) -> torch.Tensor:
 # --- colour -----------------------------------------------------------------------------------
 
 
-def _colour(images: torch.Tensor, rngs: list[np.random.Generator], seeds: list[int]):
+def _colour(images: torch.Tensor, rngs: list[np.random.Generator]):
     """Colour jitter (80% of images), gamma (30%), noise (20%): the ``default`` pipeline's."""
     n = images.shape[0]
     jitter = np.array([rng.random() < 0.8 for rng in rngs])
@@ -192,7 +192,7 @@ def _colour(images: torch.Tensor, rngs: list[np.random.Generator], seeds: list[i
     images = (images - grey) * per_image(saturation) + grey
     images = _turn_hue(images, hue)
     images = images.clamp(0, 1) ** per_image(gamma)
-    return _noise(images, rngs, seeds, probability=0.2, std_range=(0.02, 0.06))
+    return _noise(images, rngs, probability=0.2, std_range=(0.02, 0.06))
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -211,12 +211,22 @@ def _turn_hue(images: torch.Tensor, hue: np.ndarray) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", matrices, images)
 
 
-def _noise(images, rngs, seeds, *, probability: float, std_range: tuple[float, float]):
-    """Gaussian noise on a ``probability`` share of the images; the noise seeded per batch."""
+def _noise(images, rngs, *, probability: float, std_range: tuple[float, float]):
+    """Gaussian noise on a ``probability`` share of the images (values in [0, 1]).
+
+    Each noisy image draws its noise from a generator seeded by its own rng, so an image's noise
+    depends on its item's seed alone, never on which other items share its batch.
+    """
     stds = [rng.uniform(*std_range) if rng.random() < probability else 0.0 for rng in rngs]
     if not any(stds):
         return images
-    generator = torch.Generator(images.device).manual_seed(int(sum(seeds)) % 2**63)
-    noise = torch.randn(images.shape, generator=generator, device=images.device)
-    scale = upload(torch.as_tensor(stds, dtype=images.dtype), images.device).view(-1, 1, 1, 1)
-    return (images + noise * scale).clamp(0, 1)
+    images = images.clone()
+    for index, std in enumerate(stds):
+        if std:
+            seed = int(rngs[index].integers(2**63))
+            generator = torch.Generator(images.device).manual_seed(seed)
+            noise = torch.randn(
+                images.shape[1:], generator=generator, device=images.device, dtype=images.dtype
+            )
+            images[index] = (images[index] + std * noise).clamp(0, 1)
+    return images
