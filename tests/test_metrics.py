@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from medseg.metrics import (
+    PER_IMAGE_COLUMNS,
     MetricAccumulator,
     average_surface_distance,
+    binarize,
     confusion_counts,
     dice,
     hausdorff95,
@@ -16,6 +18,7 @@ from medseg.metrics import (
     pixel_accuracy,
     sensitivity,
     specificity,
+    surface_distances,
     thresholded_jaccard,
 )
 
@@ -99,16 +102,15 @@ def test_accumulator_mean_over_images_differs_from_pooled():
         "iou": (1 / 3 + 1) / 2,
         "iou_pooled": 5 / 7,
         "accuracy": (2 / 4 + 4 / 4) / 2,
-        "accuracy_pooled": 6 / 8,
         "sensitivity": (1 / 2 + 1) / 2,
-        "sensitivity_pooled": 5 / 6,
         "specificity": (1 / 2 + 1) / 2,
-        "specificity_pooled": 1 / 2,
     }
     summary = accumulator.summary()
-    assert summary.keys() == expected.keys()
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value), key
+    # Without surface distances there is no hd95/assd; unnamed images are named by position.
+    assert "hd95" not in summary and "assd_median" not in summary
+    assert summary["worst"] == [{"id": "0", "dice": 0.5}, {"id": "1", "dice": 1.0}]
 
 
 def test_accumulator_from_counts_and_merge_match_one_pass():
@@ -214,3 +216,140 @@ def test_surface_distance_empty_conventions():
 def test_surface_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="2-D"):
         hausdorff95(np.zeros((3, 4), dtype=bool), np.zeros((4, 3), dtype=bool))
+
+
+def test_binarize_is_strictly_above_the_threshold_for_tensors_and_arrays():
+    probabilities = [0.0, 0.3, 0.5, 0.5001, 1.0]
+    assert binarize(torch.tensor(probabilities)).tolist() == [False, False, False, True, True]
+    assert binarize(np.array(probabilities), 0.3).tolist() == [False, False, True, True, True]
+    assert binarize(torch.tensor(probabilities), 1.0).sum() == 0  # nothing is above 1
+    soft_target = torch.tensor([[[[0.0, 0.49], [0.51, 1.0]]]])  # e.g. an interpolated mask
+    assert binarize(soft_target).dtype == torch.bool
+    assert binarize(soft_target).shape == soft_target.shape
+    assert binarize(soft_target).flatten().tolist() == [False, False, True, True]
+
+
+# Three 4×4 images (diagonal sqrt(32)), added in the order a, c, b:
+#   a: pred = target = the 2×2 square at rows 0-1, cols 0-1 -> counts (4, 0, 0, 12);
+#      dice, iou, accuracy, sensitivity, specificity all 1; hd95 = assd = 0.
+#   c: target the 2×2 square at rows 2-3, cols 2-3, pred empty -> counts (0, 0, 4, 12);
+#      dice 0, iou 0, accuracy 12/16, sensitivity 0, specificity 1; hd95 = assd = sqrt(32).
+#   b: target the square of a, pred rows 0-1 across all 4 columns -> counts (4, 4, 0, 8);
+#      dice 8/12, iou 4/8, accuracy 12/16, sensitivity 1, specificity 8/12.
+#      Every pixel of both masks is boundary (2 rows tall). pred -> target: cols 0-1 at 0
+#      (4 px), col 2 at 1 (2 px), col 3 at 2 (2 px); target -> pred: 0 (4 px). 12 distances:
+#      ASSD (2·1 + 2·2) / 12 = 0.5; HD95 at position 0.95·11 = 10.45 of [0×8, 1, 1, 2, 2] = 2.
+# Pooled counts (8, 4, 4, 32): dice 16/24, iou 8/16. Thresholded Jaccard: IoUs 1, 0, 0.5;
+# 0.5 < 0.65 counts as 0 -> 1/3.
+def _three_images():
+    square = mask((4, 4), (0, 0), (0, 1), (1, 0), (1, 1))
+    far_square = mask((4, 4), (2, 2), (2, 3), (3, 2), (3, 3))
+    band = np.zeros((4, 4), dtype=bool)
+    band[:2] = True
+    return [
+        ("a", square, square),
+        ("c", np.zeros((4, 4), dtype=bool), far_square),
+        ("b", band, square),
+    ]
+
+
+def test_accumulator_summary_by_hand():
+    accumulator = MetricAccumulator(surface=True)
+    for image_id, pred, target in _three_images():
+        accumulator.add(image_id, pred, target)
+    diagonal = math.sqrt(32)
+    expected = {
+        "images": 3,
+        "dice": (1 + 0 + 2 / 3) / 3,
+        "dice_median": 2 / 3,
+        "iou": (1 + 0 + 0.5) / 3,
+        "iou_median": 0.5,
+        "accuracy": (1 + 0.75 + 0.75) / 3,
+        "accuracy_median": 0.75,
+        "sensitivity": (1 + 0 + 1) / 3,
+        "sensitivity_median": 1.0,
+        "specificity": (1 + 1 + 2 / 3) / 3,
+        "specificity_median": 1.0,
+        "hd95": (0 + diagonal + 2) / 3,
+        "hd95_median": 2.0,
+        "assd": (0 + diagonal + 0.5) / 3,
+        "assd_median": 0.5,
+        "dice_pooled": 16 / 24,
+        "iou_pooled": 8 / 16,
+        "thresholded_jaccard": 1 / 3,
+    }
+    summary = accumulator.summary()
+    assert list(summary) == [*expected, "worst"]  # summary.json keeps this order
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value), key
+    assert summary["worst"] == [
+        {"id": "c", "dice": 0.0},
+        {"id": "b", "dice": pytest.approx(2 / 3)},
+        {"id": "a", "dice": 1.0},
+    ]
+    assert [case["id"] for case in accumulator.summary(worst=1)["worst"]] == ["c"]
+
+
+def test_accumulator_rows_by_hand():
+    accumulator = MetricAccumulator(surface=True)
+    for image_id, pred, target in _three_images():
+        accumulator.add(image_id, pred, target)
+    rows = accumulator.rows()
+    assert [tuple(row) for row in rows] == [PER_IMAGE_COLUMNS] * 3
+    assert [row["id"] for row in rows] == ["a", "c", "b"]
+    assert rows[2] == {
+        "id": "b",
+        "dice": pytest.approx(2 / 3),
+        "iou": 0.5,
+        "accuracy": 0.75,
+        "sensitivity": 1.0,
+        "specificity": pytest.approx(2 / 3),
+        "hd95": pytest.approx(2.0),
+        "assd": pytest.approx(0.5),
+        "tp": 4,
+        "fp": 4,
+        "fn": 0,
+        "tn": 8,
+    }
+    assert type(rows[2]["tp"]) is int and type(rows[2]["dice"]) is float  # CSV-ready numbers
+    assert rows[1]["hd95"] == rows[1]["assd"] == pytest.approx(math.sqrt(32))
+
+
+def test_accumulator_takes_images_of_different_sizes_and_batches():
+    accumulator = MetricAccumulator(surface=True)
+    accumulator.add("small", mask((3, 4), (0, 0)), mask((3, 4), (0, 0)))
+    # A batch of two 6×6 images: single pixels 5 apart (3-4-5), then two empty masks.
+    pred = np.stack([mask((6, 6), (0, 0)), np.zeros((6, 6), dtype=bool)])
+    target = np.stack([mask((6, 6), (3, 4)), np.zeros((6, 6), dtype=bool)])
+    accumulator.update(torch.from_numpy(pred), torch.from_numpy(target), ids=["far", "empty"])
+    assert accumulator.ids == ["small", "far", "empty"]
+    assert accumulator.counts.tolist() == [[1, 0, 0, 11], [0, 1, 1, 34], [0, 0, 0, 36]]
+    columns = accumulator.per_image()
+    np.testing.assert_allclose(columns["hd95"], [0.0, 5.0, 0.0])
+    np.testing.assert_allclose(columns["dice"], [1.0, 0.0, 1.0])  # both empty: 1
+    with pytest.raises(ValueError, match="ids"):
+        accumulator.update(pred, target, ids=["only one"])
+
+
+def test_accumulator_merge_keeps_ids_and_distances_and_refuses_a_mix():
+    first, second = MetricAccumulator(surface=True), MetricAccumulator(surface=True)
+    images = _three_images()
+    first.add(*images[0])
+    for image in images[1:]:
+        second.add(*image)
+    merged = first.merge(second)
+    assert merged.ids == ["a", "c", "b"]
+    np.testing.assert_allclose(merged.per_image()["assd"], [0.0, math.sqrt(32), 0.5])
+    with pytest.raises(ValueError, match="surface"):
+        MetricAccumulator().merge(second)
+    # Unnamed images are named by their position after the merge, so names stay unique.
+    unnamed = MetricAccumulator.from_counts(torch.tensor([[1, 0, 0, 0]])).merge(
+        MetricAccumulator.from_counts(torch.tensor([[0, 1, 0, 0]]))
+    )
+    assert unnamed.ids == ["0", "1"]
+
+
+def test_surface_distances_gives_hd95_and_assd_together():
+    pred, target = mask((3, 6), (0, 0)), mask((3, 6), (0, 0), (0, 4))
+    assert surface_distances(pred, target) == pytest.approx((3.6, 4 / 3))
+    assert surface_distances(np.zeros((3, 4), bool), np.ones((3, 4), bool)) == (5.0, 5.0)
