@@ -257,9 +257,9 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
 def build_network(network: str) -> nn.Module:
     if network == "medseg":
         from medseg.config import Config
-        from medseg.engine.checkpoint import build_model
+        from medseg.model import DeepLabV3Plus
 
-        return build_model(Config(), pretrained=False)
+        return DeepLabV3Plus.from_config(Config().model, pretrained=False)
     if network == "smp":
         import segmentation_models_pytorch as smp
 
@@ -304,7 +304,7 @@ def synthetic_batch(spec: dict[str, Any], device: torch.device) -> dict[str, tor
 def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from medseg.config import Config
     from medseg.engine.runtime import CompiledOrEager, seed_everything, select_precision
-    from medseg.engine.train import _optimizer, _scheduler, loss_settings, train_one_epoch
+    from medseg.engine.train import build_optimizer, build_scheduler, loss_settings, train_one_epoch
     from medseg.losses import build_loss
 
     name = spec["name"]
@@ -320,8 +320,8 @@ def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
     if loop == "recipe":
         seed_everything(0)  # and, as `medseg train` does, cuDNN's autotuner on a GPU
-        optimizer = _optimizer(model, config)
-        scheduler = _scheduler(optimizer, config, steps_per_epoch=1000)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, steps_per_epoch=1000)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
 
         def train_steps():
@@ -394,36 +394,24 @@ class TimedLoader:
 def measure_epoch(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One training epoch and its validation pass as `medseg train` runs them, on the cache."""
     from medseg.config import build_config
-    from medseg.engine.checkpoint import build_model
     from medseg.engine.evaluate import evaluate_loader
-    from medseg.engine.runtime import Ranks, select_precision
-    from medseg.engine.train import (
-        _loaders,
-        _optimizer,
-        _scheduler,
-        loss_settings,
-        train_one_epoch,
-    )
-    from medseg.losses import build_loss
+    from medseg.engine.train import TrainingSetup, train_one_epoch
 
     config = build_config(
         overrides={
             "data.image_size": spec["size"],
             "train.batch_size": spec["batch"],
             "data.num_workers": spec.get("num_workers", 0),
+            "train.device": str(device),
         }
     )
     settings = config.train
-    precision = select_precision(settings.precision, device)
     started = time.perf_counter()
-    train_loader, val_loader = _loaders(config, spec["data"], Ranks(), device, progress=False)
-    prepare_seconds = time.perf_counter() - started
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = build_model(config, pretrained=False).to(device, memory_format=memory_format)
-    optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
-    loss_fn = build_loss(settings.loss, **loss_settings(settings))
+    setup = TrainingSetup.build(config, spec["data"], pretrained=False, progress=False)
+    prepare_seconds = time.perf_counter() - started  # mostly opening the cache
+    model, precision, loss_fn = setup.model, setup.precision, setup.loss_fn
+    optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
+    train_loader, val_loader = setup.train_loader, setup.val_loader
     train_loader.batch_sampler.sampler.set_epoch(1)
 
     def train(batches):

@@ -1,6 +1,9 @@
 """Atomic writes: whole files or none, and the permissions a plain open() would give."""
 
+import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -12,10 +15,23 @@ def mode(path):
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_new_file_gets_the_umask_permissions_not_mkstemps(tmp_path, monkeypatch):
-    monkeypatch.setattr("medseg.files._UMASK", 0o027)  # as if the process ran under umask 027
-    write_text(tmp_path / "report.csv", "a,b\n")
+def test_new_file_gets_the_umask_permissions_not_mkstemps(tmp_path):
+    previous = os.umask(0o027)  # as if the process ran under umask 027
+    try:
+        write_text(tmp_path / "report.csv", "a,b\n")
+    finally:
+        os.umask(previous)
     assert mode(tmp_path / "report.csv") == 0o640  # mkstemp alone gives 0o600
+
+
+def test_importing_medseg_leaves_the_umask_alone():
+    # Reading the umask means setting it; at import that briefly changed it for every thread.
+    code = (
+        "import os; calls = []; real = os.umask; "
+        "os.umask = lambda mask: calls.append(mask) or real(mask); "
+        "import medseg, medseg.files; assert not calls, calls"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_replaced_file_keeps_its_permissions(tmp_path):

@@ -15,9 +15,9 @@ from medseg.config import Config, build_config
 from medseg.data.cache import prepare
 from medseg.data.folder import SPLIT_NAMES, find_pairs, find_split, resolve_split_folder
 from medseg.data.io import read_image, read_mask
-from medseg.engine.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.engine.train import fit
 from medseg.errors import MedsegError
+from medseg.evaluation import evaluate_folder, format_summary, score_pair
 from medseg.files import check_writable
 from medseg.inference import DEFAULT_TTA, PredictionReport, Predictor
 from medseg.inference import predict as predict_files
@@ -36,16 +36,27 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on ``data`` (a root with train/) into the run folder ``out``; returns a summary."""
-    if config is None and not resume:
+    """Train on ``data`` (a root with train/) into the run folder ``out``; returns a summary.
+
+    ``resume=True`` continues the run in ``out`` with its own settings; ``overrides`` may then
+    only raise ``train.epochs`` or change ``data.num_workers``.
+    """
+    if resume:
+        if preset != "default" or config_file is not None or config is not None or overwrite:
+            raise MedsegError(
+                f"--resume continues {out} with the settings it was started with; a preset, "
+                f"a config file or --overwrite cannot apply (start a new run with --out instead)"
+            )
+        return fit(None, data, out, resume=True, progress=progress, changes=overrides)
+    if config is None:
         config = build_config(preset=preset, config_file=config_file, overrides=overrides)
-    return fit(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
+    return fit(config, data, out, overwrite=overwrite, progress=progress)
 
 
 def evaluate(
     *, checkpoint: str | Path, data: str | Path, out: str | Path, **options
 ) -> dict[str, Any]:
-    """Score a checkpoint on a folder of pairs; see `medseg.engine.evaluate.evaluate_folder`."""
+    """Score a checkpoint on a folder of pairs; see `medseg.evaluation.evaluate_folder`."""
     return evaluate_folder(checkpoint, data, out, **options)
 
 
@@ -92,9 +103,18 @@ def visualize(
 
 
 def prepare_data(
-    data: str | Path, *, size: int = 256, mask_suffix: str = "_segmentation", skip_bad: bool = False
+    data: str | Path,
+    *,
+    size: int | None = None,
+    mask_suffix: str = "_segmentation",
+    skip_bad: bool = False,
 ) -> list[tuple[Path, int, list[str]]]:
-    """Fill the training cache for every split of a data root (or one split folder)."""
+    """Fill the training cache for every split of a data root (or one split folder).
+
+    ``size`` defaults to the recipe's ``data.image_size``, so training finds the cache ready.
+    Returns (folder, pairs cached, "file: reason" of each pair skipped) per split folder.
+    """
+    size = Config().data.image_size if size is None else size
     root = Path(data)
     folders = (
         [find_split(root, split) for split in SPLIT_NAMES]

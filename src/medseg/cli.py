@@ -7,28 +7,82 @@ input) prints one line and exits with 2; Ctrl-C exits with 130 after what was fi
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from medseg.config import DataConfig
-from medseg.errors import MedsegError
+from medseg.engine.run_folder import RunFolder
+from medseg.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_SYSTEM,
+    MedsegError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit status (see medseg.errors for what each means)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        return _fail(EXIT_BAD_INPUT, f"error: {error}")
+    debug = args.debug or os.environ.get("MEDSEG_DEBUG", "") not in ("", "0")
     try:
         return args.handler(args)
-    except MedsegError as error:
-        message = " ".join(str(error).split())  # one line, whatever a library put in it
-        print(f"medseg: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"medseg: interrupted; {_after_interrupt(args)}", file=sys.stderr)
-        return 130
+        return _fail(EXIT_INTERRUPTED, f"interrupted; {_after_interrupt(args)}")
+    except Exception as error:
+        if debug:
+            raise
+        return _fail(*_describe_failure(error))
+
+
+def _fail(status: int, message: str) -> int:
+    message = " ".join(message.split())  # one line, whatever a library put in it
+    print(f"medseg: {message}", file=sys.stderr)
+    return status
+
+
+def _describe_failure(error: Exception) -> tuple[int, str]:
+    """The exit status and the one line for a failure that ended a command."""
+    if isinstance(error, MedsegError):
+        return EXIT_BAD_INPUT, f"error: {error}"
+    if isinstance(error, (torch_out_of_memory(), MemoryError)):
+        return EXIT_OUT_OF_MEMORY, (
+            "error: out of memory; use a smaller --batch-size (or --image-size), or close "
+            "other programs"
+        )
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return EXIT_SYSTEM, f"error: {error.strerror or error}{where}; check the path and the disk"
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return EXIT_BUG, (
+        f"internal error: {type(error).__name__}: {first_line}; this is a bug in medseg: "
+        f"rerun with --debug (or MEDSEG_DEBUG=1) for the traceback and report it"
+    )
+
+
+def torch_out_of_memory() -> type[BaseException]:
+    """torch's out-of-memory error (a RuntimeError subclass), without importing torch early."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch else MemoryError
+
+
+class UsageError(Exception):
+    """A command line that does not parse (argparse's complaint, in one line)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
 def _after_interrupt(args) -> str:
@@ -48,9 +102,8 @@ def _after_interrupt(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medseg", description="DeepLabv3+ for binary medical image segmentation."
-    )
+    parser = Parser(prog="medseg", description="DeepLabv3+ for medical image segmentation.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
     _add_evaluate(commands)
@@ -58,33 +111,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_visualize(commands)
     _add_prepare(commands)
     _add_demo(commands)
+    for command in commands.choices.values():  # --debug before or after the command's name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
+
+
+def _whole_number(text: str, *, smallest: int, meaning: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < smallest:
+        raise argparse.ArgumentTypeError(f"{text} is impossible; it must be {meaning}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: 1, 2, 3, ... (a size, a batch, a count of epochs or samples)."""
+    return _whole_number(text, smallest=1, meaning="at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: 0, 1, 2, ... (a seed, a patience, a number of workers)."""
+    return _whole_number(text, smallest=0, meaning="0 or more")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused here; ranges by the config)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is impossible; it must be a finite number")
+    return value
 
 
 # --- train ----------------------------------------------------------------------------------
 
 # flag -> (config key, type, help)
 TRAIN_FLAGS = {
-    "--epochs": ("train.epochs", int, "number of epochs"),
-    "--batch-size": ("train.batch_size", int, "images per step"),
-    "--lr": ("train.lr", float, "peak learning rate"),
-    "--weight-decay": ("train.weight_decay", float, "weight decay"),
+    "--epochs": ("train.epochs", positive_int, "number of epochs"),
+    "--batch-size": ("train.batch_size", positive_int, "images per step"),
+    "--lr": ("train.lr", finite_float, "peak learning rate"),
+    "--weight-decay": ("train.weight_decay", finite_float, "weight decay"),
     "--loss": ("train.loss", str, "dice_bce, dice, iou, focal, dice_focal"),
     "--precision": ("train.precision", str, "auto, bf16, fp16, fp32"),
     "--freeze-backbone-epochs": (
         "train.freeze_backbone_epochs",
-        int,
+        non_negative_int,
         "warm-up epochs with a frozen backbone",
     ),
-    "--patience": ("train.patience", int, "early stopping patience in epochs (0: off)"),
-    "--seed": ("train.seed", int, "random seed"),
+    "--patience": (
+        "train.patience",
+        non_negative_int,
+        "early stopping patience in epochs (0: off)",
+    ),
+    "--seed": ("train.seed", non_negative_int, "random seed"),
     "--device": ("train.device", str, "auto, cpu, cuda, cuda:N"),
-    "--image-size": ("data.image_size", int, "side of the square network input"),
+    "--image-size": ("data.image_size", positive_int, "side of the square network input"),
     "--augment": ("data.augment", str, "default, seed, none"),
-    "--num-workers": ("data.num_workers", int, "DataLoader worker processes"),
+    "--num-workers": ("data.num_workers", non_negative_int, "DataLoader worker processes"),
     "--backbone": ("model.backbone", str, "resnet18, resnet34, resnet50, resnet101"),
     "--variant": ("model.variant", str, "seed (layers 1-3) or paper (Chen et al. 2018)"),
-    "--output-stride": ("model.output_stride", int, "16, or 8 for the paper variant"),
+    "--output-stride": ("model.output_stride", positive_int, "16, or 8 for the paper variant"),
 }
 
 
@@ -137,10 +227,18 @@ def _run_train(args) -> int:
     from medseg.api import train
 
     if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise MedsegError(
+                f"--resume {args.resume} continues that run in its own folder; drop --out {args.out}"
+            )
         summary = train(
-            data=args.data or _data_of_run(args.resume),
+            data=args.data or RunFolder(args.resume).data_root(),
             out=args.resume,
             resume=True,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=_train_overrides(args),
+            overwrite=args.overwrite,
             progress=not args.quiet,
         )
     else:
@@ -191,15 +289,6 @@ def _train_overrides(args) -> dict:
     return overrides
 
 
-def _data_of_run(run_dir: str) -> str:
-    summary = Path(run_dir) / "run.json"
-    if not summary.is_file():
-        raise MedsegError(
-            f"{run_dir} does not say where its data is (no run.json); pass --data as well"
-        )
-    return json.loads(summary.read_text())["data"]
-
-
 # --- evaluate, predict, visualize -------------------------------------------------------------
 
 
@@ -219,7 +308,7 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
         default=postprocess_default,
         help="keep the largest connected region and fill its holes",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--compile",
@@ -251,7 +340,7 @@ def _add_evaluate(commands) -> None:
 
 def _run_evaluate(args) -> int:
     from medseg.api import evaluate
-    from medseg.engine.evaluate import format_summary
+    from medseg.evaluation import format_summary
 
     out = args.out or _default_out(args.checkpoint, f"evaluation-{Path(args.data).name}")
     summary = evaluate(
@@ -259,6 +348,8 @@ def _run_evaluate(args) -> int:
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         report=args.report, compile=args.compile,
     )  # fmt: skip
+    # --data may be a root whose test/ was chosen: say which folder the numbers describe.
+    print(f"scored {summary['data']} ({summary['images']} pairs)")
     print(format_summary(summary))
     print(
         f"per-image scores and summary: {out}"
@@ -309,7 +400,7 @@ def _add_visualize(commands) -> None:
         "--data", required=True, help="a folder with images/ and masks/, or a data root"
     )
     parser.add_argument("--out", required=True, help="folder for the figures")
-    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--num-samples", type=positive_int, default=8)
     _add_inference_flags(parser, postprocess_default=False)
     parser.set_defaults(handler=_run_visualize)
 
@@ -327,13 +418,7 @@ def _run_visualize(args) -> int:
 
 
 def _default_out(checkpoint: str, name: str) -> Path:
-    path = Path(checkpoint)
-    run_dir = (
-        path
-        if path.is_dir()
-        else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
-    )
-    return run_dir / name
+    return RunFolder.of_checkpoint(checkpoint).path / name
 
 
 # --- prepare, demo ------------------------------------------------------------------------------
@@ -347,7 +432,10 @@ def _add_prepare(commands) -> None:
         "data", help="data root (train/, val/, test/) or a folder with images/ and masks/"
     )
     parser.add_argument(
-        "--size", type=int, default=DataConfig().image_size, help="side in pixels (data.image_size)"
+        "--size",
+        type=positive_int,
+        default=DataConfig().image_size,
+        help="side in pixels (data.image_size)",
     )
     parser.add_argument("--mask-suffix", default="_segmentation")
     parser.add_argument("--skip-bad", action="store_true")
@@ -360,6 +448,8 @@ def _run_prepare(args) -> int:
     for folder, count, bad in prepare_data(
         args.data, size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
     ):
+        for problem in bad:  # named as `medseg train --skip-bad` names them
+            print(f"skipped: {problem}")
         print(
             f"{folder}: {count} pairs cached at {args.size}×{args.size}"
             + (f", {len(bad)} skipped" if bad else "")
@@ -374,7 +464,9 @@ def _add_demo(commands) -> None:
     parser.add_argument(
         "--out", default="medseg-demo", help="folder for the synthetic data and the run"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=None, help="override the demo's epoch count"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(handler=_run_demo)

@@ -14,8 +14,8 @@ import errno
 import io
 import os
 import re
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,16 +34,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=folder
-        )
+        temporary = _create_temporary(target)
     except OSError as error:
         raise MedsegError(f"cannot write to {folder}: {_reason(error)}") from error
-    os.close(handle)
-    temporary = Path(temporary_name)
     try:
         yield temporary
-        os.chmod(temporary, _mode_for(target))  # mkstemp's 0600 would hide results from others
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(
+                temporary, stat.S_IMODE(target.stat().st_mode)
+            )  # a replaced file keeps its mode
         _fsync_file(temporary)
         os.replace(temporary, target)
         _fsync_folder(folder)
@@ -85,9 +84,17 @@ def check_writable(path: str | os.PathLike) -> None:
         )
 
 
-# Read once (setting it is the only way to read it, and not thread-safe).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def refuse_existing(earlier: list[Path], *, what: str, overwrite: bool, advice: str = "") -> None:
+    """Refuse to replace earlier results unless ``overwrite`` (--overwrite) says so.
+
+    Every command that writes results calls this before it writes anything, so an earlier
+    result is either kept whole or replaced on purpose, never mixed with new files.
+    """
+    if not earlier or overwrite:
+        return
+    advice = advice or "choose another output folder, or pass --overwrite to replace it"
+    raise MedsegError(f"{earlier[0].parent} already holds {what} ({earlier[0].name}); {advice}")
+
 
 # What atomic_path's temporary files look like: ".<name>.<8 random characters>.tmp<suffix>".
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
@@ -139,12 +146,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         temporary.write_bytes(data)
 
 
-def _mode_for(target: Path) -> int:
-    """The permissions a plain open() would give: the file's own if it exists, else umask's."""
-    try:
-        return stat.S_IMODE(target.stat().st_mode)
-    except OSError:
-        return 0o666 & ~_UMASK
+def _create_temporary(target: Path) -> Path:
+    """A new, empty file beside `target`, named as `_PARTIAL` expects.
+
+    Created with mode 0o666 like a plain open(), so the process's umask decides what others
+    may read (mkstemp's 0600 would hide results from them).
+    """
+    for _ in range(100):
+        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
 
 
 def _reason(error: OSError) -> str:

@@ -1,16 +1,21 @@
-"""Training: `fit` runs epochs of `train_one_epoch` and validation, saving as it goes.
+"""Training in named steps: build a `TrainingSetup`, then run epochs while a `TrainingState` keeps
+the score, saving both into a `RunFolder` after every epoch.
 
-A run folder holds ``config.yaml`` (the resolved settings), ``metrics.csv`` (one row per epoch,
-epoch first), ``curves.png``, ``checkpoints/last.pt`` (every epoch, for ``--resume``) and
-``checkpoints/best.pt`` (best validation Dice). Only rank 0 writes when training on several
-processes.
+- `TrainingSetup.build(config, data_root)`: device, ranks, precision, loaders, model, optimizer,
+  schedule and loss, everything a run trains with.
+- `TrainingState`: finished epochs, their metrics and early stopping's count, plus the weights,
+  optimizer, schedule, loss scale and random streams; `state_dict()` is what `last.pt` holds and
+  `load_state_dict()` puts it back, so a resumed run continues exactly.
+- `fit`: the loop. Only rank 0 writes when training on several processes.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +24,13 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
-from medseg.config import Config, build_config, save_config
+from medseg.config import Config, config_from_dict, read_saved_config, save_config
 from medseg.data.cache import prepare
 from medseg.data.device_augment import DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.engine.checkpoint import (
-    build_model,
     config_of_checkpoint,
     load_checkpoint,
     load_weights,
@@ -35,6 +39,7 @@ from medseg.engine.checkpoint import (
     set_rng_state,
 )
 from medseg.engine.evaluate import evaluate_loader
+from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import (
     CompiledOrEager,
     Precision,
@@ -53,15 +58,10 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.errors import MedsegError
-from medseg.files import (
-    check_writable,
-    make_folder,
-    remove_partial_files,
-    write_csv,
-    write_text,
-)
+from medseg.files import check_writable, write_csv
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
+from medseg.model import DeepLabV3Plus
 from medseg.visualize import plot_training_curves
 
 METRIC_COLUMNS = (
@@ -76,6 +76,20 @@ METRIC_COLUMNS = (
     "seconds",
 )
 
+# What --resume may change: neither alters what the finished epochs computed. More epochs
+# stretch the schedule from where the run stands.
+RESUMABLE_SETTINGS = ("train.epochs", "data.num_workers")
+
+RETRY_ADVICE = "train again with a lower --lr (or --precision fp32, or --set train.grad_clip=1.0)"
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: the weights are spoilt (`fit` adds what to do)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
 
 @releases_process_group
 def fit(
@@ -86,100 +100,240 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train a model on ``data_root`` into ``out_dir``; return the final summary.
+    """Train a model on ``data_root`` into the run folder ``out_dir``; return a summary.
 
-    With ``resume=True`` the run continues after the last finished epoch of ``out_dir`` with the
-    settings it was started with (``config`` is then ignored).
+    With ``resume=True`` the run continues after its last finished epoch with the settings it
+    was started with (``config`` is ignored; ``changes`` may set `RESUMABLE_SETTINGS`).
     """
-    out_dir = Path(out_dir)
-    last_path = out_dir / "checkpoints" / "last.pt"
-    state = None
+    run = RunFolder(out_dir)
     if resume:
-        state, config = _resume_point(out_dir, last_path)
+        checkpoint, config = resume_point(run, changes or {})
+        if checkpoint is not None and _nothing_left(run, checkpoint, config):
+            return _summary(run, TrainingState.from_checkpoint(checkpoint))
     else:
-        _refuse_to_overwrite(out_dir, overwrite)
-        config = config or Config()
-    check_writable(out_dir)  # before the data is read: fail in seconds, not after the first epoch
+        checkpoint, config = None, config or Config()
+        run.refuse_to_overwrite(overwrite)
+    check_writable(run.path)  # before the data is read: fail in seconds, not after an epoch
 
-    settings = config.train
-    device = select_device(settings.device)
-    ranks = init_distributed(device)
-    precision = select_precision(settings.precision, device)
-    seed_everything(settings.seed + ranks.rank, deterministic=settings.deterministic)
-
-    train_loader, val_loader = _loaders(
-        config, data_root, ranks, device, progress=progress and ranks.is_main
+    setup = TrainingSetup.build(
+        config, data_root, pretrained=None if checkpoint is None else False, progress=progress
     )
-    model = build_model(config, pretrained=None if state is None else False)
-    if settings.sync_bn:
-        model = sync_batchnorm(model, device=device, ranks=ranks)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    optimizer = _optimizer(model, config)
-    steps_per_epoch = len(train_loader)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scale_loss)
-    loss_fn = build_loss(settings.loss, **loss_settings(settings))
+    state = TrainingState(setup)
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint, path=run.last)
+    is_main = setup.ranks.is_main
+    with run.claim(clear=overwrite and not resume) if is_main else contextlib.nullcontext():
+        if is_main:
+            if not resume:
+                run.refuse_to_overwrite(overwrite)  # again: a run may have finished meanwhile
+            _start(run, config, data_root, state)
+            setup.announce()
+        try:
+            _train_epochs(setup, state, run, progress=progress and is_main)
+        except TrainingDiverged as diverged:
+            raise MedsegError(f"{diverged}; {_after_divergence(run, state)}") from None
+    return _summary(run, state)
 
-    history: list[dict[str, float]] = []
-    best_dice, stale_epochs, start_epoch = -1.0, 0, 1
-    if state is not None:
-        _restore_training_state(state, model, optimizer, scheduler, scaler, ranks, path=last_path)
-        history = [dict(row) for row in state["history"]]
-        best_dice, stale_epochs = state["best_dice"], state["epochs_without_improvement"]
-        start_epoch = state["epoch"] + 1
 
-    network = model
-    if ranks.distributed:
-        network = distributed_data_parallel(
-            model,
-            device=device,
-            # A frozen backbone takes no part in the backward pass.
-            find_unused_parameters=settings.freeze_backbone_epochs > 0,
-        )
-    if settings.compile:
-        network = CompiledOrEager(network)
-    if ranks.is_main:
-        make_folder(out_dir)
-        if overwrite and not resume:
-            _clear_earlier_run(out_dir)  # only now: a run that fails to start keeps the old one
-        for folder in (out_dir, out_dir / "checkpoints"):
-            remove_partial_files(folder)  # left by a kill in the middle of a write
-        save_config(config, out_dir / "config.yaml")
-        write_text(out_dir / "run.json", json.dumps({"data": str(Path(data_root).resolve())}))
-        if history:  # a kill between last.pt and metrics.csv left the table one row short
-            _write_history(out_dir, history)
-        _announce(config, device, precision, train_loader, val_loader, ranks)
-
-    for epoch in range(start_epoch, settings.epochs + 1):
-        if stale_epochs >= settings.patience > 0:
+def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunFolder, *, progress) -> None:
+    settings = setup.config.train
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if state.stopped_early(settings.patience):
             break
+        row = setup.run_epoch(epoch, progress=progress)
+        improved = state.record(row)
+        checkpoint = state.state_dict()  # a collective under torchrun: every rank takes part
+        if setup.ranks.is_main:
+            if improved:
+                save_checkpoint(run.best, without_resume_state(checkpoint))
+            save_checkpoint(run.last, checkpoint)
+            _write_history(run.path, state.history)
+            _report_epoch(row, settings.epochs, improved)
+
+
+def _start(run: RunFolder, config: Config, data_root, state: TrainingState) -> None:
+    save_config(config, run.config)
+    run.write_record(data_root)
+    if state.history:  # a kill between last.pt and metrics.csv left the table one row short
+        _write_history(run.path, state.history)
+
+
+def _summary(run: RunFolder, state: TrainingState) -> dict[str, Any]:
+    return {
+        "run": str(run.path),
+        "epochs": len(state.history),
+        "best_val_dice": state.best_dice,
+        "history": state.history,
+    }
+
+
+def _after_divergence(run: RunFolder, state: TrainingState) -> str:
+    """What is left after a divergence, and a retry that works as printed."""
+    if state.epoch == 0:
+        return f"no epoch had finished, so nothing was saved; {RETRY_ADVICE}"
+    return (
+        f"the checkpoints of epochs 1-{state.epoch} are kept in {run.checkpoints}; to "
+        f"{RETRY_ADVICE}, choose another --out or add --overwrite"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def resume_point(run: RunFolder, changes: dict[str, Any]) -> tuple[dict[str, Any] | None, Config]:
+    """The saved state (None: start at epoch 1) and the settings to continue ``run`` with.
+
+    A run killed before its first epoch ended has its config.yaml but no last.pt: it starts
+    again from the beginning, with the settings it was started with.
+    """
+    if run.last.is_file():
+        checkpoint = load_checkpoint(run.last)
+        config = config_of_checkpoint(checkpoint, path=run.last)
+    elif run.config.is_file():
+        checkpoint, config = None, read_saved_config(run.config)
+        print(f"resuming {run.path}: no epoch had finished; starting again from epoch 1")
+    else:
+        what = (
+            "the folder does not exist" if not run.path.is_dir() else "no medseg run started there"
+        )
+        raise MedsegError(
+            f"there is no run to resume in {run.path} ({what}: it has neither "
+            f"checkpoints/last.pt nor config.yaml); start one with --data and --out"
+        )
+    return checkpoint, _with_changes(config, changes, run)
+
+
+def _with_changes(config: Config, changes: dict[str, Any], run: RunFolder) -> Config:
+    refused = sorted(set(changes) - set(RESUMABLE_SETTINGS))
+    if refused:
+        raise MedsegError(
+            f"--resume continues {run.path} with the settings it was started with, so "
+            f"{', '.join(refused)} cannot change (only {', '.join(RESUMABLE_SETTINGS)} can); "
+            f"start a new run with --data and --out to train with other settings"
+        )
+    values = config.to_dict()
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition(".")
+        values[section][key] = value
+    return config_from_dict(values, source="the command line")
+
+
+def _nothing_left(run: RunFolder, checkpoint: dict[str, Any], config: Config) -> bool:
+    """Say what --resume will do; True when the run has nothing left to train."""
+    state = TrainingState.from_checkpoint(checkpoint)
+    epochs, best = config.train.epochs, state.best_dice
+    if state.stopped_early(config.train.patience):
+        print(
+            f"{run.path} stopped early after epoch {state.epoch} (no better validation Dice for "
+            f"{config.train.patience} epochs; best {best:.4f}); nothing to do"
+        )
+        return True
+    if state.epoch >= epochs:
+        print(
+            f"{run.path} has finished all {epochs} epochs (best validation Dice {best:.4f}); "
+            f"nothing to do; pass --epochs N (more than {epochs}) to train it further"
+        )
+        return True
+    print(
+        f"resuming {run.path} after epoch {state.epoch} of {epochs} (best validation Dice {best:.4f})"
+    )
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run trains with, and what it has done
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a run trains with, built from its config, data and device by `build`."""
+
+    config: Config
+    device: torch.device
+    ranks: Ranks
+    precision: Precision
+    model: DeepLabV3Plus  # the module whose weights are saved
+    network: nn.Module  # what runs the steps: the model, or its DDP / compiled wrapper
+    train_loader: Iterable
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        data_root: str | Path,
+        *,
+        pretrained: bool | str | None = None,
+        progress: bool = True,
+    ) -> TrainingSetup:
+        """Set up training; ``pretrained`` overrides the config's (False when resuming)."""
+        settings = config.train
+        device = select_device(settings.device)
+        ranks = init_distributed(device)
+        precision = select_precision(settings.precision, device)
+        seed_everything(settings.seed + ranks.rank, deterministic=settings.deterministic)
+        train_loader, val_loader = build_loaders(
+            config, data_root, ranks, device, progress=progress and ranks.is_main
+        )
+        model = DeepLabV3Plus.from_config(config.model, pretrained=pretrained)
+        if settings.sync_bn:
+            model = sync_batchnorm(model, device=device, ranks=ranks)
+        model = model.to(device, memory_format=memory_format(settings.channels_last))
+        optimizer = build_optimizer(model, config)
+        return cls(
+            config=config,
+            device=device,
+            ranks=ranks,
+            precision=precision,
+            model=model,
+            network=_network(model, config, device, ranks),
+            train_loader=train_loader,
+            val_loader=val_loader,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config, len(train_loader)),
+            scaler=torch.amp.GradScaler(device.type, enabled=precision.scale_loss),
+            loss_fn=build_loss(settings.loss, **loss_settings(settings)),
+        )
+
+    def run_epoch(self, epoch: int, *, progress: bool = False) -> dict[str, float]:
+        """Train one epoch, then validate; returns the epoch's row of metrics.csv."""
         started = time.perf_counter()
+        settings = self.config.train
         if epoch <= settings.freeze_backbone_epochs:
-            model.freeze_backbone()
+            self.model.freeze_backbone()
         else:
-            model.unfreeze_backbone()
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
+            self.model.unfreeze_backbone()
+        self.train_loader.batch_sampler.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(
-            network, train_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            loss_fn=loss_fn, device=device, precision=precision, epoch=epoch,
-            grad_clip=settings.grad_clip, channels_last=settings.channels_last,
-            progress=progress and ranks.is_main,
+            self.network, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, loss_fn=self.loss_fn, device=self.device,
+            precision=self.precision, epoch=epoch, grad_clip=settings.grad_clip,
+            channels_last=settings.channels_last, progress=progress,
         )  # fmt: skip
-        average_buffers(model, ranks)
+        average_buffers(self.model, self.ranks)
         val_loss, val_metrics = evaluate_loader(
-            model, val_loader, loss_fn=loss_fn, device=device, precision=precision,
-            threshold=settings.threshold, channels_last=settings.channels_last,
+            self.model, self.val_loader, loss_fn=self.loss_fn, device=self.device,
+            precision=self.precision, threshold=settings.threshold,
+            channels_last=settings.channels_last,
         )  # fmt: skip
-        summary = MetricAccumulator.from_counts(
-            all_gather_counts(val_metrics.counts, ranks)
-        ).summary()
+        counts = all_gather_counts(val_metrics.counts, self.ranks)
+        summary = MetricAccumulator.from_counts(counts).summary()
         row = {
             "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": mean_across_ranks(train_loss, ranks),
-            "val_loss": mean_across_ranks(val_loss, ranks, weight=len(val_metrics)),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": mean_across_ranks(train_loss, self.ranks),
+            "val_loss": mean_across_ranks(val_loss, self.ranks, weight=len(val_metrics)),
             "val_dice": summary["dice"],
             "val_iou": summary["iou"],
             "val_accuracy": summary["accuracy"],
@@ -187,63 +341,106 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         if not math.isfinite(row["val_loss"]):  # weights broken by the epoch's last step
-            raise MedsegError(
-                f"the validation loss became {row['val_loss']} after epoch {epoch}; the "
-                f"checkpoints of the epochs before are kept; train again with a lower --lr "
-                f"(or --precision fp32, or --set train.grad_clip=1.0)"
+            raise TrainingDiverged(
+                f"the validation loss became {row['val_loss']} after epoch {epoch}"
             )
-        history.append(row)
-        improved = row["val_dice"] > best_dice
-        best_dice = max(best_dice, row["val_dice"])
-        stale_epochs = 0 if improved else stale_epochs + 1
-        rank_rng = gather_objects(rng_state(), ranks)  # a collective: every rank takes part
-        if ranks.is_main:
-            checkpoint = {
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "epoch": epoch,
-                "metrics": row,
-                "history": history,
-                "best_dice": best_dice,
-                "epochs_without_improvement": stale_epochs,
-            }
-            if improved:
-                save_checkpoint(out_dir / "checkpoints" / "best.pt", checkpoint)
-            resume_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rank_rng[0],
-                **({"rank_rng": rank_rng} if ranks.distributed else {}),
-            }
-            save_checkpoint(last_path, {**checkpoint, **resume_state})
-            _write_history(out_dir, history)
-            _report_epoch(row, settings.epochs, improved)
-    return {
-        "run": str(out_dir),
-        "epochs": len(history),
-        "best_val_dice": best_dice,
-        "history": history,
-    }
+        return row
+
+    def announce(self) -> None:
+        model, ranks = self.config.model, self.ranks
+        print(
+            f"training DeepLabv3+ ({model.backbone}, {model.variant} variant) on {self.device} in "
+            f"{self.precision.name}; {len(self.train_loader.dataset)} training / "
+            f"{len(self.val_loader.dataset)} validation images; {self.config.train.epochs} epochs"
+            + (f"; {ranks.world_size} processes" if ranks.distributed else "")
+        )
 
 
-def _restore_training_state(
-    state, model, optimizer, scheduler, scaler, ranks: Ranks, *, path
-) -> None:
-    """Put weights, optimizer, schedule, loss scale and random streams back as `last.pt` saved them."""
-    load_weights(model, state["model"], path=path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    # Each rank continues its own random stream (dropout) where the interruption left it.
-    rank_rng = state.get("rank_rng", [])
-    same_ranks = len(rank_rng) == ranks.world_size
-    set_rng_state(rank_rng[ranks.rank] if same_ranks else state["rng"])
+# Checkpoint keys needed only to continue training; best.pt goes without them.
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "rank_rng")
+
+
+def without_resume_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in checkpoint.items() if key not in RESUME_KEYS}
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands, and everything needed to continue it from there."""
+
+    setup: TrainingSetup | None
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv's rows
+    best_dice: float = -1.0
+    epochs_without_improvement: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainingState:
+        """The progress numbers alone (no setup: nothing to train), e.g. to report on a run."""
+        state = cls(setup=None)
+        state._load_progress(checkpoint)
+        return state
+
+    def record(self, row: dict[str, float]) -> bool:
+        """Add a finished epoch's row; True when its validation Dice is the best so far."""
+        improved = row["val_dice"] > self.best_dice
+        self.epoch = int(row["epoch"])
+        self.history.append(row)
+        self.best_dice = max(self.best_dice, row["val_dice"])
+        self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
+        return improved
+
+    def stopped_early(self, patience: int) -> bool:
+        return self.epochs_without_improvement >= patience > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What last.pt holds. Gathers every rank's random state: call it on every rank."""
+        setup = self.setup
+        rank_rng = gather_objects(rng_state(), setup.ranks)
+        return {
+            "config": setup.config.to_dict(),
+            "model": setup.model.state_dict(),
+            "epoch": self.epoch,
+            "metrics": self.history[-1] if self.history else {},
+            "history": self.history,
+            "best_dice": self.best_dice,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "optimizer": setup.optimizer.state_dict(),
+            "scheduler": setup.scheduler.state_dict(),
+            "scaler": setup.scaler.state_dict(),
+            "rng": rank_rng[0],
+            **({"rank_rng": rank_rng} if setup.ranks.distributed else {}),
+        }
+
+    def load_state_dict(
+        self, checkpoint: dict[str, Any], *, path: str | Path = "checkpoint"
+    ) -> None:
+        """Put back what `state_dict` saved: weights, optimizer, schedule, loss scale, randomness."""
+        setup = self.setup
+        load_weights(setup.model, checkpoint["model"], path=path)
+        setup.optimizer.load_state_dict(checkpoint["optimizer"])
+        setup.scheduler.load_state_dict(checkpoint["scheduler"])
+        setup.scaler.load_state_dict(checkpoint["scaler"])
+        self._load_progress(checkpoint)
+        # Each rank continues its own random stream (dropout) where the interruption left it.
+        rank_rng = checkpoint.get("rank_rng", [])
+        same_ranks = len(rank_rng) == setup.ranks.world_size
+        set_rng_state(rank_rng[setup.ranks.rank] if same_ranks else checkpoint["rng"])
+
+    def _load_progress(self, checkpoint: dict[str, Any]) -> None:
+        self.epoch = int(checkpoint["epoch"])
+        self.history = [dict(row) for row in checkpoint["history"]]
+        self.best_dice = float(checkpoint["best_dice"])
+        self.epochs_without_improvement = int(checkpoint["epochs_without_improvement"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch
 
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,
     *,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -258,14 +455,14 @@ def train_one_epoch(
 ) -> float:
     """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss."""
     model.train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     # Reading the loss makes the host wait for the device. A GPU is read every few steps, so
     # the host prepares and queues the next batches while it computes; a CPU every step.
     read_every = 1 if device.type == "cpu" else 20
     total, steps = torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
     for step, batch in enumerate(bar, start=1):
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+        images = batch["image"].to(device, non_blocking=True, memory_format=layout)
         masks = batch["mask"].to(device, non_blocking=True)
         with precision.autocast(device):
             logits = model(images)
@@ -282,28 +479,28 @@ def train_one_epoch(
         steps += 1
         if step % read_every == 0 or step == len(bar):
             mean = total.item() / steps
-            if not math.isfinite(mean):
-                # The weights are spoilt, but nothing of this epoch has been saved yet.
-                raise MedsegError(
-                    f"the training loss became {mean} by epoch {epoch}, step {step}; the "
-                    f"checkpoints of the epochs before are kept; train again with a lower --lr "
-                    f"(or --precision fp32, or --set train.grad_clip=1.0)"
+            if not math.isfinite(mean):  # nothing of this epoch has been saved yet
+                raise TrainingDiverged(
+                    f"the training loss became {mean} by epoch {epoch}, step {step}"
                 )
             bar.set_postfix(loss=f"{mean:.4f}")
     return total.item() / max(steps, 1)
 
 
-def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, progress: bool):
+# ---------------------------------------------------------------------------------------------
+# The parts TrainingSetup builds
+
+
+def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, progress: bool):
+    """Training and validation batches from the cached data (`medseg.data.cache`)."""
     data, settings = config.data, config.train
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
-        train_cache = prepare(
-            train_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
-        )
-        val_cache = prepare(
-            val_samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress
+        train_cache, val_cache = (
+            prepare(samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress)
+            for samples in (train_samples, val_samples)
         )
     for bad in train_cache.bad + val_cache.bad:
         print(f"skipped: {bad}")
@@ -314,38 +511,50 @@ def _loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, p
         val_cache.samples, eval_transform(data.image_size), cache=val_cache
     )
     per_rank = math.ceil(len(train_set) / ranks.world_size)
-    # Drop a last partial batch, unless the data set is smaller than one batch: BatchNorm
-    # cannot normalise a batch of one image, and a tiny last batch gives a noisy step.
+    # Drop a last partial batch (a noisy step), unless the data set is smaller than one batch.
     drop_last = per_rank > settings.batch_size
-    train_sampler = EpochSampler(
-        len(train_set), seed=settings.seed, rank=ranks.rank, world_size=ranks.world_size
-    )
-    val_sampler = EpochSampler(
-        len(val_set),
-        seed=settings.seed,
-        shuffle=False,
-        rank=ranks.rank,
-        world_size=ranks.world_size,
-        even=False,
-    )
+    samplers = {
+        "train": EpochSampler(
+            len(train_set), seed=settings.seed, rank=ranks.rank, world_size=ranks.world_size
+        ),
+        "val": EpochSampler(
+            len(val_set),
+            seed=settings.seed,
+            shuffle=False,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            even=False,
+        ),  # fmt: skip
+    }
     common = {
         "num_workers": data.num_workers,
         "pin_memory": device.type == "cuda",
         "persistent_workers": data.num_workers > 0,
     }
-    train_batches = BatchSampler(train_sampler, settings.batch_size, drop_last=drop_last)
+    train_batches = BatchSampler(samplers["train"], settings.batch_size, drop_last=drop_last)
     if augment_on_device(data.augment_on, device):
         train_loader = DeviceBatches(
             train_cache, train_batches, augment=data.augment, device=device
         )
     else:
         train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
-    val_loader = DataLoader(
-        val_set,
-        batch_sampler=BatchSampler(val_sampler, settings.batch_size, drop_last=False),
-        **common,
-    )
-    return train_loader, val_loader
+    val_batches = BatchSampler(samplers["val"], settings.batch_size, drop_last=False)
+    return train_loader, DataLoader(val_set, batch_sampler=val_batches, **common)
+
+
+def _network(model: nn.Module, config: Config, device: torch.device, ranks: Ranks) -> nn.Module:
+    """What runs the training steps: the model, wrapped for several processes or compiled."""
+    network = model
+    if ranks.distributed:
+        network = distributed_data_parallel(
+            model,
+            device=device,
+            # A frozen backbone takes no part in the backward pass.
+            find_unused_parameters=config.train.freeze_backbone_epochs > 0,
+        )
+    if config.train.compile:
+        network = CompiledOrEager(network)
+    return network
 
 
 def loss_settings(settings) -> dict[str, Any]:
@@ -358,17 +567,17 @@ def augment_on_device(choice: str, device: torch.device) -> bool:
     return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
-def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     settings = config.train
     # No weight decay on BatchNorm scales and biases: decaying them only fights the normalisation.
-    decay = [p for name, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for name, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": settings.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     optimizer_class = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    try:  # one fused kernel for all parameters: on a CPU ~15× faster than the per-tensor loop
+    try:  # one fused kernel for all parameters, far faster on a CPU than the per-tensor loop
         return optimizer_class(groups, lr=settings.lr, fused=True)
     except RuntimeError:  # torch < 2.4 has no fused CPU kernel
         return optimizer_class(groups, lr=settings.lr)
@@ -386,7 +595,7 @@ def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, sche
     return 1.0
 
 
-def _scheduler(
+def build_scheduler(
     optimizer, config: Config, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     settings = config.train
@@ -401,55 +610,10 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _refuse_to_overwrite(out_dir: Path, overwrite: bool) -> None:
-    earlier = [
-        out_dir / name
-        for name in ("checkpoints", "metrics.csv", "config.yaml")
-        if (out_dir / name).exists()
-    ]
-    if earlier and not overwrite:
-        raise MedsegError(
-            f"{out_dir} already holds a run ({earlier[0].name}); continue it with --resume, "
-            f"choose another --out, or pass --overwrite to replace it"
-        )
-
-
-def _clear_earlier_run(out_dir: Path) -> None:
-    """With --overwrite: remove the earlier run's results, so none is mistaken for this run's."""
-    for stale in ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.csv"):
-        (out_dir / stale).unlink(missing_ok=True)
-
-
-def _resume_point(out_dir: Path, last_path: Path) -> tuple[dict[str, Any] | None, Config]:
-    """The saved state (None: start at epoch 1) and the settings to continue ``out_dir`` with.
-
-    A run killed before its first epoch ended has its config.yaml but no last.pt: it starts
-    again from the beginning, with the settings it was started with.
-    """
-    if last_path.is_file():
-        state = load_checkpoint(last_path)
-        return state, config_of_checkpoint(state, path=last_path)
-    if (out_dir / "config.yaml").is_file():
-        return None, build_config(config_file=out_dir / "config.yaml")
-    raise MedsegError(
-        f"cannot resume {out_dir}: it holds neither checkpoints/last.pt nor config.yaml (no "
-        f"medseg run started there); start one with --data and --out"
-    )
-
-
 def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
-    write_csv(out_dir / "metrics.csv", history, METRIC_COLUMNS)
-    plot_training_curves(history, out_dir / "curves.png")
-
-
-def _announce(config, device, precision, train_loader, val_loader, ranks: Ranks) -> None:
-    model = config.model
-    print(
-        f"training DeepLabv3+ ({model.backbone}, {model.variant} variant) on {device} in "
-        f"{precision.name}; {len(train_loader.dataset)} training / {len(val_loader.dataset)} "
-        f"validation images; {config.train.epochs} epochs"
-        + (f"; {ranks.world_size} processes" if ranks.distributed else "")
-    )
+    run = RunFolder(out_dir)
+    write_csv(run.metrics, history, METRIC_COLUMNS)
+    plot_training_curves(history, run.curves)
 
 
 def _report_epoch(row: dict[str, float], epochs: int, improved: bool) -> None:
