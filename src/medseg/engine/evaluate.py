@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
@@ -19,6 +19,7 @@ from medseg.files import check_writable, write_csv, write_text
 from medseg.metrics import (
     MetricAccumulator,
     average_surface_distance,
+    binarize,
     confusion_counts,
     hausdorff95,
     pixel_accuracy,
@@ -42,10 +43,16 @@ def evaluate_loader(
     channels_last: bool = False,
     progress: bool = False,
 ) -> tuple[float, MetricAccumulator]:
-    """Mean loss over batches and per-image confusion counts at `threshold` (network resolution)."""
+    """Mean loss over images, and per-image confusion counts at `threshold`.
+
+    `loader` yields dicts with "image" (N, 3, H, W) float and "mask" (N, 1, H, W) in [0, 1].
+    Each image's loss is taken on that image alone, and the metrics come from per-image counts,
+    so both are per-image means that do not depend on how the images fall into batches (a loss
+    that pools over its batch, such as the soft Dice, would otherwise change with the split).
+    """
     model.eval()
     metrics = MetricAccumulator()
-    total_loss, batches = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for batch in tqdm(loader, desc="validating", leave=False, disable=not progress):
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
@@ -53,10 +60,16 @@ def evaluate_loader(
         with precision.autocast(device):
             logits = model(images)
         logits = logits.float()
-        total_loss += float(loss_fn(logits, masks))
-        batches += 1
-        metrics.update(torch.sigmoid(logits) > threshold, masks > 0.5)
-    return total_loss / max(batches, 1), metrics
+        loss_sum += _summed_image_losses(loss_fn, logits, masks)
+        metrics.update(binarize(torch.sigmoid(logits), threshold), binarize(masks))
+    # One host sync for the whole pass, not one per batch.
+    return float(loss_sum) / max(len(metrics), 1), metrics
+
+
+def _summed_image_losses(loss_fn: nn.Module, logits: Tensor, masks: Tensor) -> Tensor:
+    """Σ over the N images of loss_fn on that image alone; (N,1,H,W) each -> float64 scalar."""
+    losses = [loss_fn(logits[i : i + 1], masks[i : i + 1]) for i in range(logits.shape[0])]
+    return torch.stack(losses).double().sum()
 
 
 # ---------------------------------------------------------------------------------------------
