@@ -316,3 +316,15 @@ def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
     model, loaded_config = model_from_checkpoint(load_checkpoint(path), path=path)
     assert loaded_config.model.separable is False
     assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+
+
+def test_image_pooling_trains_on_a_batch_of_one_without_touching_its_statistics():
+    model = DeepLabV3Plus(num_classes=1, backbone="resnet18").train()
+    pooling_norm = model.aspp.branches[-1].project[1]
+    before = pooling_norm.running_mean.clone()
+    logits = model(torch.randn(1, 3, 64, 64))  # BatchNorm alone would refuse one value per channel
+    logits.mean().backward()
+    assert logits.shape == (1, 1, 64, 64)
+    assert torch.equal(pooling_norm.running_mean, before)
+    assert pooling_norm.training  # back in training mode for the next, larger batch
+    assert model.aspp.branches[-1].project[0].weight.grad is not None

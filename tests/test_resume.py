@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from medseg.cli import main
 from medseg.engine.checkpoint import load_checkpoint
@@ -212,3 +213,19 @@ def test_interrupted_predict_resumes_and_one_bad_image_loses_no_other(
     written = sorted(p.name for p in output.glob("*_segmentation.png"))
     assert written == [f"SYN_{i:04d}_segmentation.png" for i in range(12)]
     assert "Traceback" not in captured.err
+
+
+def test_a_run_resumed_from_its_config_yaml_alone_keeps_the_settings_of_its_time(tmp_path):
+    # A run started before model.separable existed, killed before its first epoch ended.
+    from medseg.config import Config
+    from medseg.engine.run_folder import RunFolder
+    from medseg.engine.train import resume_point
+
+    values = Config().to_dict()
+    del values["model"]["separable"]
+    run = RunFolder(tmp_path / "old-run")
+    run.path.mkdir()
+    run.config.write_text(yaml.safe_dump(values))
+    checkpoint, config = resume_point(run, {})
+    assert checkpoint is None
+    assert config.model.separable is False  # how that run's network was built
