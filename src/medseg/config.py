@@ -200,7 +200,10 @@ def config_from_dict(values: dict[str, Any], *, source: str = "checkpoint") -> C
     """Rebuild a Config from its ``to_dict()`` form (as stored in checkpoints and runs)."""
     config = Config()
     _apply_nested(config, values, source=source)
-    validate(config)
+    try:
+        validate(config)
+    except MedsegError as error:
+        raise MedsegError(f"{error} (in {source})") from None
     return config
 
 
