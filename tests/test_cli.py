@@ -192,3 +192,27 @@ def test_predict_compile_gives_the_masks_of_the_uncompiled_network(
         agreement = np.mean(np.array(Image.open(eager)) == np.array(Image.open(compiled)))
         # Folding BatchNorm into the weights changes rounding: a few border pixels may flip.
         assert agreement > 0.99, f"{eager.name}: {agreement:.4f}"
+
+
+@pytest.mark.parametrize("flag", ["--out", "--output", "-o"])
+def test_every_command_names_its_output_folder_the_same_ways(tmp_path, tiny_checkpoint, flag):
+    from medseg.cli import build_parser
+
+    parser = build_parser()
+    target = str(tmp_path / "out")
+    images = str(tmp_path / "images")
+    for argv in (
+        ["train", "--data", images, flag, target],
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", images, flag, target],
+        ["predict", "--checkpoint", str(tiny_checkpoint), "-i", images, flag, target],
+        ["visualize", "--checkpoint", str(tiny_checkpoint), "--data", images, flag, target],
+        ["demo", flag, target],
+    ):
+        assert parser.parse_args(argv).out == target, argv
+
+
+def test_predict_with_short_flags_writes_masks(synthetic_root, tmp_path, tiny_checkpoint):
+    out = tmp_path / "masks"
+    argv = ["predict", "--checkpoint", tiny_checkpoint, "-i", synthetic_root / "test" / "images"]
+    assert main([str(arg) for arg in [*argv, "-o", out, "--quiet", "--tta", "none"]]) == 0
+    assert len(list(out.glob("*_segmentation.png"))) == 4

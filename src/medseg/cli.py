@@ -95,7 +95,7 @@ def _after_interrupt(args) -> str:
         )
     if args.command == "predict":
         return (
-            f"the masks written so far are kept in {args.output}; run the same command again "
+            f"the masks written so far are kept in {args.out}; run the same command again "
             f"to segment the rest"
         )
     return "nothing half-written was left behind; run the same command again"
@@ -147,6 +147,10 @@ def finite_float(text: str) -> float:
     return value
 
 
+# Every command names its output folder the same way; --output and -o for those used to them.
+OUT_FLAGS = ("--out", "--output", "-o")
+
+
 # --- train ----------------------------------------------------------------------------------
 
 # flag -> (config key, type, help)
@@ -181,7 +185,9 @@ TRAIN_FLAGS = {
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train a model on a data root")
     parser.add_argument("--data", help="data root with train/ (and optionally val/, test/)")
-    parser.add_argument("--out", help="run folder to create (default: runs/train-<date>-<time>)")
+    parser.add_argument(
+        *OUT_FLAGS, dest="out", help="run folder to create (default: runs/train-<date>-<time>)"
+    )
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch"
     )
@@ -293,14 +299,22 @@ def _train_overrides(args) -> dict:
 
 
 def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
+    from medseg.inference import DEFAULT_TTA, TTA_MODES
+
     parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run folder")
     parser.add_argument(
         "--tta",
         nargs="?",
-        const="flip",
-        default="flip",
-        choices=("none", "flip", "d4"),
+        const=DEFAULT_TTA,
+        default=DEFAULT_TTA,
+        choices=TTA_MODES,
         help="test-time augmentation (flips; d4 adds 90° turns)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=finite_float,
+        default=None,
+        help="foreground probability cut, between 0 and 1 (default: the checkpoint's)",
     )
     parser.add_argument(
         "--postprocess",
@@ -329,7 +343,9 @@ def _add_evaluate(commands) -> None:
         help="a folder with images/ and masks/, or a data root (test/ is used)",
     )
     parser.add_argument(
-        "--out", help="folder for per_image.csv and summary.json (default: beside the checkpoint)"
+        *OUT_FLAGS,
+        dest="out",
+        help="folder for per_image.csv and summary.json (default: beside the checkpoint)",
     )
     parser.add_argument(
         "--report", metavar="DIR", help="also write an offline HTML report, DIR/index.html"
@@ -360,8 +376,10 @@ def _run_evaluate(args) -> int:
 
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="segment an image or a folder of images")
-    parser.add_argument("--input", required=True, help="an image file or a folder of images")
-    parser.add_argument("--output", required=True, help="folder for <id>_segmentation.png masks")
+    parser.add_argument("--input", "-i", required=True, help="an image file or a folder of images")
+    parser.add_argument(
+        *OUT_FLAGS, dest="out", required=True, help="folder for <id>_segmentation.png masks"
+    )
     parser.add_argument("--probabilities", action="store_true", help="also write probability maps")
     parser.add_argument("--overlay", action="store_true", help="also write overlays")
     _add_inference_flags(parser, postprocess_default=False)
@@ -372,13 +390,13 @@ def _run_predict(args) -> int:
     from medseg.api import predict
 
     report = predict(
-        checkpoint=args.checkpoint, source=args.input, output=args.output, batch_size=args.batch_size,
+        checkpoint=args.checkpoint, source=args.input, output=args.out, batch_size=args.batch_size,
         tta=args.tta, postprocess=args.postprocess, probabilities=args.probabilities,
         overlays=args.overlay, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-        compile=args.compile,
+        compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     print(
-        f"{len(report.written)} masks written to {args.output}"
+        f"{len(report.written)} masks written to {args.out}"
         + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
     )
     for failure in report.failed:
@@ -399,7 +417,7 @@ def _add_visualize(commands) -> None:
     parser.add_argument(
         "--data", required=True, help="a folder with images/ and masks/, or a data root"
     )
-    parser.add_argument("--out", required=True, help="folder for the figures")
+    parser.add_argument(*OUT_FLAGS, dest="out", required=True, help="folder for the figures")
     parser.add_argument("--num-samples", type=positive_int, default=8)
     _add_inference_flags(parser, postprocess_default=False)
     parser.set_defaults(handler=_run_visualize)
@@ -462,7 +480,10 @@ def _add_demo(commands) -> None:
         "demo", help="train and evaluate on built-in synthetic data (no download)"
     )
     parser.add_argument(
-        "--out", default="medseg-demo", help="folder for the synthetic data and the run"
+        *OUT_FLAGS,
+        dest="out",
+        default="medseg-demo",
+        help="folder for the synthetic data and the run",
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=None, help="override the demo's epoch count"
