@@ -10,6 +10,7 @@ DATA_ROOT/
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_image, read_mask
+from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_error, read_image, read_mask
 from medseg.errors import MedsegError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -33,13 +34,29 @@ class Sample:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in `folder` (sorted by name), hidden files skipped."""
+    """Image files directly in `folder` (sorted by name), hidden files and subfolders skipped.
+
+    A link that leads nowhere is kept, so that reading it names the problem instead of the
+    image silently vanishing from the data set.
+    """
     folder = Path(folder)
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries if not _is_folder(entry)]
+    except OSError as error:
+        raise MedsegError(read_error(folder, error, kind="folder")) from error
     return sorted(
-        path
-        for path in folder.iterdir()
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+        folder / name
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
     )
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop, an unreadable target: not a folder; reading it will say why
+        return False
 
 
 def find_pairs(folder: str | Path, *, mask_suffix: str = "_segmentation") -> list[Sample]:

@@ -12,6 +12,9 @@ as gray 76, a 16-bit file holding 0/255) is refused: read by that rule it would 
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,10 +25,10 @@ from medseg.errors import MedsegError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-# PIL's own decompression-bomb limit is a warning below 2× and an error above; a dermoscopy
-# original is at most ~30 megapixels, so anything past this is refused up front, clearly.
+# A dermoscopy original is at most ~30 megapixels, so anything past this is refused before it
+# is decoded. Checked here rather than through PIL's global MAX_IMAGE_PIXELS, which belongs to
+# whatever program imports medseg.
 MAX_PIXELS = 120_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -61,18 +64,39 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return image.height, image.width
 
 
+def read_error(path: str | Path, error: OSError, *, kind: str = "file") -> str:
+    """Why the `kind` ("file" or "folder") `path` could not be stat'ed, opened or listed.
+
+    One line that says what to do, for every OSError of reading a user's file.
+    """
+    number = error.errno
+    if number == errno.ENOENT and os.path.islink(path):
+        return (
+            f"{path} is a broken symbolic link (to {os.readlink(path)}); fix the link or remove it"
+        )
+    if number == errno.ELOOP:
+        return f"{path} is a symbolic link loop; fix the link or remove it"
+    if number == errno.ENOENT:
+        return f"{kind} not found: {path}"
+    if number in (errno.EACCES, errno.EPERM):
+        return f"cannot read the {kind} {path}: permission denied; check its permissions"
+    reason = error.strerror or str(error)
+    return f"cannot read the {kind} {path}: {reason}; check the disk, or replace it or remove it"
+
+
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
-    if not path.is_file():
-        raise MedsegError(f"file not found: {path}")
-    if path.stat().st_size == 0:
-        raise MedsegError(f"{path} is empty (0 bytes); replace it or remove it")
+    _check_regular_file(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from its own limit upwards (89 megapixels); ours, checked below, rules.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
-            image.load()  # decode now, so a truncated file fails here, with its name
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        if image.width * image.height > MAX_PIXELS:
+            image.close()
+            raise Image.DecompressionBombError(f"{image.width}×{image.height} pixels")
+        image.load()  # decode now, so a truncated file fails here, with its name
+    except Image.DecompressionBombError as error:
         raise MedsegError(
             f"{path} is too large to decode safely ({error}); downscale it first (limit "
             f"{MAX_PIXELS:,} pixels)".replace("\n", " ")
@@ -82,10 +106,30 @@ def _open(path: str | Path) -> Image.Image:
             f"{path} is not an image PIL can read; replace it or remove it"
         ) from error
     except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            # The system could not read it (permission, disk); PIL's own errors carry no errno.
+            raise MedsegError(read_error(path, error)) from error
         raise MedsegError(
             f"{path} is corrupt or truncated ({error}); replace it or remove it"
         ) from error
     return image
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not an existing, non-empty regular file before PIL opens it.
+
+    A folder named like an image is said to be one; a FIFO would block the read forever.
+    """
+    try:
+        status = path.stat()
+    except OSError as error:
+        raise MedsegError(read_error(path, error)) from error
+    if stat.S_ISDIR(status.st_mode):
+        raise MedsegError(f"{path} is a folder, not an image file; move it out or pass a file")
+    if not stat.S_ISREG(status.st_mode):
+        raise MedsegError(f"{path} is not a regular file; replace it with an image file")
+    if status.st_size == 0:
+        raise MedsegError(f"{path} is empty (0 bytes); replace it or remove it")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
