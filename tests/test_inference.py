@@ -9,7 +9,10 @@ from medseg.data.cache import prepare
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from medseg.inference import Predictor
+from medseg.inference import (
+    Predictor,
+    predict,
+)
 
 
 class Recorder(nn.Module):
@@ -52,3 +55,14 @@ def test_predictor_feeds_the_network_what_training_saw_of_a_large_image(tiny_che
     grey_level = 1 / 255 / min(IMAGENET_STD)
     assert fed.shape == trained_on.shape == (64, 64, 3)
     assert np.abs(fed - trained_on).max() <= grey_level + 1e-5
+
+
+def test_predict_logs_plain_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f"img{index}.png")
+    predict(tiny_checkpoint, folder, tmp_path / "out", device="cpu", tta="none", batch_size=2)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.strip().splitlines()[-1] == "predicting: 3/3 (100%)"

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from medseg.config import Config
 from medseg.data.folder import list_images
@@ -30,6 +29,7 @@ from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, res
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
 from medseg.errors import MedsegError
 from medseg.files import atomic_path, check_writable, remove_partial_files, write_text
+from medseg.progress import progress_bar
 from medseg.visualize import overlay
 
 TTA_MODES = ("none", "flip", "d4")
@@ -228,7 +228,7 @@ def predict(
             report.skipped.append(output / mask_name(path))
         else:
             pending.append(path)
-    bar = tqdm(total=len(pending), desc="predicting", disable=not progress)
+    bar = progress_bar(total=len(pending), desc="predicting", enabled=progress)
     for paths, images in _readable_batches(pending, batch_size, report):
         for path, image, probability in zip(
             paths, images, predictor.probabilities(images), strict=True
