@@ -1,17 +1,29 @@
 """The predictor: what it feeds the network, TTA views, thresholds and post-processing."""
 
+import argparse
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from medseg.cli import build_parser
 from medseg.data.cache import prepare
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from medseg.engine.runtime import Precision
 from medseg.inference import (
+    DEFAULT_TTA,
+    TTA_MODES,
     Predictor,
+    _orient,
+    _unorient,
+    keep_largest_component,
     predict,
+    tta_views,
 )
 
 
@@ -55,6 +67,96 @@ def test_predictor_feeds_the_network_what_training_saw_of_a_large_image(tiny_che
     grey_level = 1 / 255 / min(IMAGENET_STD)
     assert fed.shape == trained_on.shape == (64, 64, 3)
     assert np.abs(fed - trained_on).max() <= grey_level + 1e-5
+
+
+def asymmetric(size: int = 5) -> torch.Tensor:
+    """A (1, 1, size, size) batch whose every rotation and reflection differs."""
+    return torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size)
+
+
+@pytest.mark.parametrize("view", tta_views("d4"))
+def test_unorient_undoes_orient(view):
+    batch = asymmetric()
+    assert torch.equal(_unorient(_orient(batch, *view), *view), batch)
+
+
+@pytest.mark.parametrize(("mode", "count"), [("none", 1), ("flip", 4), ("d4", 8)])
+def test_tta_views_are_distinct_orientations(mode, count):
+    views = tta_views(mode)
+    oriented = {tuple(_orient(asymmetric(), *view).flatten().tolist()) for view in views}
+    assert len(views) == len(oriented) == count
+
+
+def test_flip_views_are_the_four_flips():
+    batch = asymmetric()
+    flips = {tuple(_orient(batch, *view).flatten().tolist()) for view in tta_views("flip")}
+    expected = [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1).flip(-2)]
+    assert flips == {tuple(image.flatten().tolist()) for image in expected}
+
+
+def test_keep_largest_component_keeps_the_larger_blob_and_fills_its_hole():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[1:3, 1:3] = True  # 4 pixels
+    mask[5:11, 4:10] = True  # 36 pixels, with a hole
+    mask[7, 6] = False
+    expected = np.zeros_like(mask)
+    expected[5:11, 4:10] = True
+    assert np.array_equal(keep_largest_component(mask), expected)
+
+
+def test_keep_largest_component_joins_diagonal_neighbours():
+    mask = np.eye(4, dtype=bool)  # one 8-connected region
+    mask[0, 3] = True
+    expected = np.eye(4, dtype=bool)
+    assert np.array_equal(keep_largest_component(mask), expected)
+
+
+def test_keep_largest_component_leaves_an_empty_mask_empty():
+    mask = np.zeros((5, 5), dtype=bool)
+    assert not keep_largest_component(mask).any()
+
+
+def two_blobs() -> np.ndarray:
+    """A probability map: a large blob at 0.6 with a 0.2 hole, a small one at 0.9, background 0.1."""
+    probability = np.full((20, 20), 0.1, dtype=np.float32)
+    probability[2:14, 2:14] = 0.6
+    probability[7, 7] = 0.2
+    probability[16:19, 16:19] = 0.9
+    return probability
+
+
+def test_predictor_postprocess_keeps_the_largest_region_filled(tiny_checkpoint, monkeypatch):
+    probability = two_blobs()
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", postprocess=True)
+    expected = np.zeros((20, 20), dtype=bool)
+    expected[2:14, 2:14] = True  # the small 0.9 blob dropped, the hole filled
+    assert np.array_equal(predictor.binarize(probability), expected)
+    monkeypatch.setattr(predictor, "probabilities", lambda images: [probability for _ in images])
+    masks = predictor.masks([np.zeros((20, 20, 3), np.uint8)] * 2)
+    assert len(masks) == 2 and all(np.array_equal(mask, expected) for mask in masks)
+
+
+def test_a_predictor_built_directly_uses_the_default_tta(tiny_checkpoint):
+    model, config = model_from_checkpoint(load_checkpoint(tiny_checkpoint), path=tiny_checkpoint)
+    predictor = Predictor(model, config, torch.device("cpu"), Precision("fp32", None))
+    assert predictor.tta == DEFAULT_TTA == "flip"
+    assert Predictor.from_checkpoint(tiny_checkpoint, device="cpu").tta == DEFAULT_TTA
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "visualize"])
+def test_the_command_line_takes_its_tta_default_and_choices_from_inference(command):
+    parser = build_parser()
+    tail = {"predict": ["--input", "i", "--output", "o"], "evaluate": ["--data", "d"]}
+    tail["visualize"] = ["--data", "d", "--out", "o"]
+    args = parser.parse_args([command, "--checkpoint", "c", *tail[command]])
+    assert args.tta == DEFAULT_TTA
+    assert (
+        parser.parse_args([command, "--checkpoint", "c", *tail[command], "--tta"]).tta
+        == DEFAULT_TTA
+    )
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    tta = next(a for a in subparsers.choices[command]._actions if a.dest == "tta")
+    assert tuple(tta.choices) == TTA_MODES
 
 
 def test_predict_logs_plain_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, tmp_path, capsys):

@@ -70,7 +70,7 @@ class Predictor:
     config: Config
     device: torch.device
     precision: Precision
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     postprocess: bool = False
     compile: bool = False
     threshold: float = field(init=False)
