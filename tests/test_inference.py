@@ -1,6 +1,7 @@
 """The predictor: what it feeds the network, TTA views, thresholds and post-processing."""
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -8,15 +9,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medseg.cli import build_parser
+from medseg.cli import build_parser, main
 from medseg.data.cache import prepare
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.runtime import Precision
+from medseg.errors import MedsegError
 from medseg.inference import (
     DEFAULT_TTA,
+    RECORD_NAME,
     TTA_MODES,
     Predictor,
     _orient,
@@ -125,6 +128,18 @@ def two_blobs() -> np.ndarray:
     return probability
 
 
+def test_predictor_cuts_at_its_threshold(tiny_checkpoint):
+    probability = two_blobs()
+    default = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", tta="none")
+    assert default.threshold == default.config.train.threshold == 0.5
+    assert np.array_equal(default.binarize(probability), probability > 0.5)
+    high = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", threshold=0.7)
+    assert high.threshold == 0.7
+    assert np.array_equal(high.binarize(probability), probability > 0.7)  # the small blob only
+    low = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", threshold=0.15)
+    assert low.binarize(probability).sum() == 12 * 12 + 9  # the hole at 0.2 is in
+
+
 def test_predictor_postprocess_keeps_the_largest_region_filled(tiny_checkpoint, monkeypatch):
     probability = two_blobs()
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", postprocess=True)
@@ -149,7 +164,7 @@ def test_the_command_line_takes_its_tta_default_and_choices_from_inference(comma
     tail = {"predict": ["--input", "i", "--output", "o"], "evaluate": ["--data", "d"]}
     tail["visualize"] = ["--data", "d", "--out", "o"]
     args = parser.parse_args([command, "--checkpoint", "c", *tail[command]])
-    assert args.tta == DEFAULT_TTA
+    assert args.tta == DEFAULT_TTA and args.threshold is None
     assert (
         parser.parse_args([command, "--checkpoint", "c", *tail[command], "--tta"]).tta
         == DEFAULT_TTA
@@ -157,6 +172,47 @@ def test_the_command_line_takes_its_tta_default_and_choices_from_inference(comma
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     tta = next(a for a in subparsers.choices[command]._actions if a.dest == "tta")
     assert tuple(tta.choices) == TTA_MODES
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 1.5, -0.1, float("nan")])
+def test_a_threshold_outside_zero_one_is_refused_in_one_line(tiny_checkpoint, tmp_path, threshold):
+    with pytest.raises(MedsegError, match="not a probability strictly between 0 and 1") as error:
+        Predictor.from_checkpoint(tiny_checkpoint, device="cpu", threshold=threshold)
+    assert "\n" not in str(error.value) and repr(threshold) in str(error.value)
+    with pytest.raises(MedsegError, match="strictly between 0 and 1"):
+        predict(tiny_checkpoint, tmp_path / "in.png", tmp_path / "out", threshold=threshold)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_records_its_threshold_and_refuses_to_resume_with_another(
+    tiny_checkpoint, tmp_path
+):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), np.uint8)).save(source)
+    options = {"device": "cpu", "tta": "none", "progress": False}
+    report = predict(tiny_checkpoint, source, tmp_path / "out", threshold=0.3, **options)
+    assert len(report.written) == 1
+    assert json.loads((tmp_path / "out" / RECORD_NAME).read_text())["threshold"] == 0.3
+    again = predict(tiny_checkpoint, source, tmp_path / "out", threshold=0.3, **options)
+    assert len(again.skipped) == 1 and not again.written
+    with pytest.raises(MedsegError, match="predicted with threshold"):
+        predict(tiny_checkpoint, source, tmp_path / "out", threshold=0.7, **options)
+    # Leaving it out means the checkpoint's 0.5: also another threshold than 0.3.
+    with pytest.raises(MedsegError, match="predicted with threshold"):
+        predict(tiny_checkpoint, source, tmp_path / "out", **options)
+
+
+def test_predict_command_passes_its_threshold(tiny_checkpoint, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(source)
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), "--input", str(source)]
+    argv += ["--output", str(tmp_path / "out"), "--tta", "none", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--threshold", "0.25"]) == 0
+    assert json.loads((tmp_path / "out" / RECORD_NAME).read_text())["threshold"] == 0.25
+    capsys.readouterr()
+    assert main([*argv, "--threshold", "2", "--overwrite"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "threshold 2.0 is not a probability" in error[0]
 
 
 def test_predict_logs_plain_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, tmp_path, capsys):

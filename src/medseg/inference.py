@@ -49,6 +49,17 @@ def tta_views(mode: str) -> list[tuple[int, bool]]:
     raise MedsegError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
 
 
+def check_threshold(threshold: float | None) -> None:
+    """Refuse a foreground threshold outside (0, 1); None (the checkpoint's own) passes."""
+    if threshold is None:
+        return
+    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        raise MedsegError(
+            f"threshold {threshold!r} is not a probability strictly between 0 and 1; "
+            f"pass e.g. --threshold 0.5, or leave it out to use the checkpoint's"
+        )
+
+
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected region of a bool mask, with its holes filled.
 
@@ -64,7 +75,11 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Predictor:
-    """A trained model ready to segment uint8 RGB images of any size."""
+    """A trained model ready to segment uint8 RGB images of any size.
+
+    ``threshold`` cuts the foreground probability; None takes the checkpoint's own
+    (``config.train.threshold``).
+    """
 
     model: torch.nn.Module
     config: Config
@@ -73,10 +88,12 @@ class Predictor:
     tta: str = DEFAULT_TTA
     postprocess: bool = False
     compile: bool = False
-    threshold: float = field(init=False)
+    threshold: float | None = None
 
     def __post_init__(self):
-        self.threshold = self.config.train.threshold
+        check_threshold(self.threshold)
+        if self.threshold is None:
+            self.threshold = self.config.train.threshold
         self.transform = eval_transform(self.config.data.image_size)
         tta_views(self.tta)  # validate early
         self.model.eval().to(self.device, memory_format=torch.channels_last)
@@ -97,12 +114,23 @@ class Predictor:
         tta: str = DEFAULT_TTA,
         postprocess: bool = False,
         compile: bool = False,
+        threshold: float | None = None,
     ) -> Predictor:
+        """Load ``path`` (a .pt file or a run folder); ``threshold`` None: the checkpoint's."""
+        check_threshold(threshold)  # before the seconds spent loading
         state = load_checkpoint(path)
         model, config = model_from_checkpoint(state, path=path)
         torch_device = select_device(device)
-        precision_choice = select_precision(precision, torch_device)
-        return cls(model, config, torch_device, precision_choice, tta, postprocess, compile)
+        return cls(
+            model,
+            config,
+            torch_device,
+            select_precision(precision, torch_device),
+            tta=tta,
+            postprocess=postprocess,
+            compile=compile,
+            threshold=threshold,
+        )
 
     @torch.no_grad()
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -192,23 +220,32 @@ def predict(
     device: str = "auto",
     progress: bool = True,
     compile: bool = False,
+    threshold: float | None = None,
 ) -> PredictionReport:
     """Segment an image file or a folder of images into ``output/<id>_segmentation.png`` (0/255).
 
     Masks already in ``output`` are kept and skipped unless ``overwrite``: an interrupted run
     resumes where it stopped. Unreadable images are listed in the report; the others are written.
+    ``threshold`` cuts the foreground probability (None: the checkpoint's).
     """
+    check_threshold(threshold)
     output = Path(output)
     inputs = collect_inputs(source)
     _check_unique_names(inputs)
     check_writable(output)
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile
+        checkpoint,
+        device=device,
+        tta=tta,
+        postprocess=postprocess,
+        compile=compile,
+        threshold=threshold,
     )
     record = {
         "checkpoint_sha256": _sha256(resolve_checkpoint(checkpoint)),
         "tta": tta,
         "postprocess": postprocess,
+        "threshold": predictor.threshold,  # resolved: the checkpoint's unless one was given
     }
     names = {
         path: output_names(path, probabilities=probabilities, overlays=overlays) for path in inputs
