@@ -7,28 +7,64 @@ the cache folder (``$MEDSEG_CACHE_DIR``, else ``~/.cache/medseg``). The folder's
 of the size and of every source file's path, byte size and modification time, so changing any
 source file, or the size, makes a new cache rather than reusing a stale one.
 
+One cache holds a whole split folder (``train/``, ...), and ``prepare`` returns the rows of the
+samples asked for: the training and validation shares of ``train/`` and ``medseg prepare``
+all use the same cache.
+
 Preparing is also where bad files surface: each is named; with ``skip_bad`` it is left out
-and listed, otherwise the first one stops the run.
+and listed, otherwise the first one stops the run. A cache that cannot be read back (a damaged
+manifest, a truncated array) is rebuilt, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from medseg.data.folder import Sample, check_pair
+from medseg.data.folder import Sample, check_pair, find_pairs
 from medseg.data.io import read_image, read_mask
 from medseg.data.transforms import resize_image, resize_mask
 from medseg.errors import MedsegError
-from medseg.files import atomic_path, write_text
+from medseg.files import atomic_path, remove_partial_files, write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one cache per split folder, with a foreground flag per mask
+
+
+class Rows:
+    """The rows ``rows`` of ``array``, read only when indexed (like ``array[rows]``, uncopied).
+
+    A share of a memory-mapped cache so stays on disk; ``np.asarray`` makes the copy.
+    """
+
+    def __init__(self, array: np.ndarray, rows: list[int]):
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.intp)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        return self.array[(self.rows[first], *rest)]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.array[self.rows], dtype=dtype)
 
 
 @dataclass
@@ -36,12 +72,23 @@ class PreparedCache:
     """Resized uint8 arrays of a list of samples; ``get(i)`` returns (image, bool mask)."""
 
     samples: list[Sample]
-    images: np.ndarray  # (N, S, S, 3) uint8
-    masks: np.ndarray  # (N, S, S) uint8 in {0, 1}
+    images: np.ndarray | Rows  # (N, S, S, 3) uint8
+    masks: np.ndarray | Rows  # (N, S, S) uint8 in {0, 1}
     bad: list[str]  # "file: reason" for each sample left out
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.images[index]), np.asarray(self.masks[index]).astype(bool)
+
+
+@dataclass
+class _Entry:
+    """One folder's cache: a row of each array per readable pair, and what its manifest says."""
+
+    images: np.ndarray  # (R, S, S, 3) uint8
+    masks: np.ndarray  # (R, S, S) uint8 in {0, 1}
+    kept: list[int]  # the pair (index into the folder's pairs) behind each row
+    bad: dict[int, str]  # pair index -> "file: reason"
+    foreground: list[bool]  # per row: whether the full-size mask has a foreground pixel
 
 
 def cache_root() -> Path:
@@ -51,72 +98,216 @@ def cache_root() -> Path:
 def prepare(
     samples: list[Sample], *, size: int, skip_bad: bool = False, progress: bool = True
 ) -> PreparedCache:
-    """Return the cache of `samples` at `size`, building it on first use."""
-    folder = cache_root() / _cache_key(samples, size)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        cached = json.loads(manifest.read_text())
-        if cached["bad"] and not skip_bad:  # built by a --skip-bad run: the files are still bad
-            raise MedsegError(f"{cached['bad'][0]} (or pass --skip-bad to train without it)")
-        return _open(folder, samples, cached)
-    images, masks, kept, bad = _decode_all(samples, size, skip_bad=skip_bad, progress=progress)
+    """Return the cache of `samples` at `size`, building their folder's cache on first use."""
+    if not samples:
+        raise MedsegError("there are no image + mask pairs to prepare; check the data folder")
+    pairs = _folder_pairs(samples)
+    position = {sample: index for index, sample in enumerate(pairs)}
+    wanted = [position[sample] for sample in samples]
+    folder = cache_root() / _cache_key(pairs, size)
+    with contextlib.suppress(OSError):  # a cache that cannot be cleaned can still be used
+        remove_partial_files(folder)  # what a killed build left: up to the size of the arrays
+    entry = _open(folder, len(pairs), size)
+    if entry is None:
+        stop_at = set() if skip_bad else set(wanted)
+        entry = _build(folder, pairs, size, stop_at=stop_at, progress=progress)
+    return _select(entry, pairs, wanted, skip_bad=skip_bad)
+
+
+def _folder_pairs(samples: list[Sample]) -> list[Sample]:
+    """Every pair of the split folder that holds `samples`, or `samples` when they are not that.
+
+    Samples listed some other way (from several folders, or by hand) get a cache of their own.
+    """
+    first = samples[0]
+    if first.mask is None or not first.mask.stem.startswith(first.id):
+        return samples
+    suffix = first.mask.stem[len(first.id) :]
     try:
-        _store(folder, images, masks, kept, bad)
-    except (MedsegError, OSError):
-        # A read-only home or a full disk must not stop training: keep the arrays in memory.
-        return PreparedCache([samples[i] for i in kept], images, masks, bad)
-    return _open(folder, samples, json.loads(manifest.read_text()))
+        pairs = find_pairs(first.image.parent.parent, mask_suffix=suffix)
+    except MedsegError:
+        return samples
+    known = set(pairs)
+    return pairs if all(sample in known for sample in samples) else samples
 
 
-def _cache_key(samples: list[Sample], size: int) -> str:
+def _cache_key(pairs: list[Sample], size: int) -> str:
     digest = hashlib.sha256(f"medseg-cache-v{CACHE_VERSION}:{size}".encode())
-    for sample in samples:
+    for sample in pairs:
         for path in (sample.image, sample.mask):
-            stat = path.stat()
-            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            digest.update(f"{_identity(path)};".encode())
     return digest.hexdigest()[:24]
 
 
-def _decode_all(samples: list[Sample], size: int, *, skip_bad: bool, progress: bool):
-    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
-    masks = np.empty((len(samples), size, size), dtype=np.uint8)
-    kept, bad = [], []
+def _identity(path: Path) -> str:
+    """Path, byte size and modification time of a source file, for the cache key.
+
+    A file that cannot be stat'ed (a broken link, a link loop) keys on that instead: reading it
+    then says what is wrong, and fixing it changes the key.
+    """
+    try:
+        status = path.stat()
+    except OSError as error:
+        return f"{path.absolute()}:unreadable:{error.errno}"
+    return f"{path.resolve()}:{status.st_size}:{status.st_mtime_ns}"
+
+
+def _open(folder: Path, count: int, size: int) -> _Entry | None:
+    """The cache in `folder`, or None when there is none or it is damaged (then it is said)."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():  # never built, or its build was killed before the end
+        return None
+    try:
+        return _load(folder, count, size)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        _warn(f"the cache {folder} was damaged ({_damage(error)}); rebuilding it")
+        with contextlib.suppress(OSError):
+            manifest.unlink()  # until the rebuild completes, the folder holds no valid cache
+        return None
+
+
+def _load(folder: Path, count: int, size: int) -> _Entry:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except ValueError as error:
+        raise ValueError(f"manifest.json is not JSON: {error}") from error
+    kept = [int(index) for index in manifest["kept"]]
+    bad = {int(index): str(message) for index, message in manifest["bad"]}
+    foreground = [bool(flag) for flag in manifest["foreground"]]
+    if manifest["pairs"] != count or len(foreground) != len(kept):
+        raise ValueError("its manifest does not match its data")
+    if sorted([*kept, *bad]) != list(range(count)):
+        raise ValueError("its manifest does not account for every pair")
+    return _Entry(
+        images=_load_array(folder / "images.npy", (len(kept), size, size, 3)),
+        masks=_load_array(folder / "masks.npy", (len(kept), size, size)),
+        kept=kept,
+        bad=bad,
+        foreground=foreground,
+    )
+
+
+def _load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Map a uint8 array of `shape` from `path`; a ValueError names what is wrong with it."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except ValueError as error:  # truncated, or not an .npy file
+        raise ValueError(f"{path.name} is not a whole array: {error}") from error
+    if array.shape != shape or array.dtype != np.uint8:
+        raise ValueError(f"{path.name} holds {array.dtype} {array.shape}, not uint8 {shape}")
+    return array
+
+
+def _damage(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename:
+        return f"{Path(error.filename).name}: {error.strerror or error}"
+    if isinstance(error, KeyError):
+        return f"its manifest lacks {error}"
+    return " ".join(str(error).split())[:200]
+
+
+def _build(
+    folder: Path, pairs: list[Sample], size: int, *, stop_at: set[int], progress: bool
+) -> _Entry:
+    entry = _decode_all(pairs, size, stop_at=stop_at, progress=progress)
+    try:
+        _store(folder, entry)
+        return _load(folder, len(pairs), size)
+    except (MedsegError, OSError):
+        # A read-only home or a full disk must not stop training: keep the arrays in memory.
+        return entry
+
+
+def _decode_all(pairs: list[Sample], size: int, *, stop_at: set[int], progress: bool) -> _Entry:
+    """Read and resize every pair; a bad one stops it if its index is in `stop_at`."""
+    images = np.empty((len(pairs), size, size, 3), dtype=np.uint8)
+    masks = np.empty((len(pairs), size, size), dtype=np.uint8)
+    kept, bad, foreground = [], {}, []
     for index, sample in enumerate(
-        tqdm(samples, desc="preparing", disable=not progress, leave=False)
+        tqdm(pairs, desc="preparing", disable=not progress, leave=False)
     ):
         try:
             image, mask = read_image(sample.image), read_mask(sample.mask)
             if image.shape[:2] != mask.shape:
                 check_pair(sample)
         except MedsegError as error:
-            if not skip_bad:
+            if index in stop_at:
                 raise MedsegError(f"{error} (or pass --skip-bad to train without it)") from error
-            bad.append(str(error))
+            bad[index] = str(error)
             continue
         images[len(kept)] = resize_image(image, size)
         masks[len(kept)] = resize_mask(mask, size)
+        foreground.append(bool(mask.any()))
         kept.append(index)
     if not kept:
-        raise MedsegError(
-            f"none of the {len(samples)} pairs could be read; first problem: {bad[0]}"
-        )
-    return images[: len(kept)], masks[: len(kept)], kept, bad
+        first = next(iter(bad.values()))
+        raise MedsegError(f"none of the {len(pairs)} pairs could be read; first problem: {first}")
+    return _Entry(images[: len(kept)], masks[: len(kept)], kept, bad, foreground)
 
 
-def _store(
-    folder: Path, images: np.ndarray, masks: np.ndarray, kept: list[int], bad: list[str]
-) -> None:
-    for name, array in (("images.npy", images), ("masks.npy", masks)):
+def _store(folder: Path, entry: _Entry) -> None:
+    for name, array in (("images.npy", entry.images), ("masks.npy", entry.masks)):
         with atomic_path(folder / name) as temporary, open(temporary, "wb") as handle:
             np.save(handle, array)
     # The manifest is written last: its presence means the arrays beside it are complete.
-    write_text(folder / "manifest.json", json.dumps({"kept": kept, "bad": bad}))
+    manifest = {
+        "pairs": len(entry.kept) + len(entry.bad),
+        "kept": entry.kept,
+        "bad": sorted(entry.bad.items()),
+        "foreground": entry.foreground,
+    }
+    write_text(folder / "manifest.json", json.dumps(manifest))
 
 
-def _open(folder: Path, samples: list[Sample], manifest: dict) -> PreparedCache:
+def _select(entry: _Entry, pairs: list[Sample], wanted: list[int], *, skip_bad: bool):
+    """The rows of the `wanted` pairs, in their order; refuse a bad one unless `skip_bad`."""
+    bad = [entry.bad[index] for index in wanted if index in entry.bad]
+    if bad and not skip_bad:  # built for another share, or by a --skip-bad run: still bad
+        raise MedsegError(f"{bad[0]} (or pass --skip-bad to train without it)")
+    row_of = {index: row for row, index in enumerate(entry.kept)}
+    rows = [row_of[index] for index in wanted if index in row_of]
+    if not rows:
+        raise MedsegError(f"none of the {len(wanted)} pairs could be read; first problem: {bad[0]}")
+    _check_foreground(entry, rows, pairs[entry.kept[rows[0]]].mask.parent)
     return PreparedCache(
-        samples=[samples[i] for i in manifest["kept"]],
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        masks=np.load(folder / "masks.npy", mmap_mode="r"),
-        bad=manifest["bad"],
+        samples=[pairs[entry.kept[row]] for row in rows],
+        images=_take(entry.images, rows),
+        masks=_take(entry.masks, rows),
+        bad=bad,
     )
+
+
+def _take(array: np.ndarray, rows: list[int]) -> np.ndarray | Rows:
+    if rows == list(range(len(array))):
+        return array
+    return Rows(array, rows) if isinstance(array, np.memmap) else array[rows]
+
+
+# A training run opens one folder's cache twice (its training and validation shares): say once
+# that the whole folder has no foreground.
+_warned_folders: set[Path] = set()
+
+_EMPTY_ADVICE = (
+    "the model would learn to find nothing; check that the lesion is white (255, or 1) in them"
+)
+
+
+def _check_foreground(entry: _Entry, rows: list[int], mask_folder: Path) -> None:
+    """Warn when none of the masks of `rows` (from the manifest, not the masks) has foreground."""
+    if not any(entry.foreground):
+        if mask_folder not in _warned_folders:
+            _warned_folders.add(mask_folder)
+            _warn(
+                f"none of the {len(entry.kept)} masks in {mask_folder} has a foreground pixel; "
+                f"{_EMPTY_ADVICE}"
+            )
+    elif not any(entry.foreground[row] for row in rows):
+        _warn(
+            f"none of the {len(rows)} masks used here (of {len(entry.kept)}) in {mask_folder} "
+            f"has a foreground pixel; {_EMPTY_ADVICE}"
+        )
+
+
+def _warn(message: str) -> None:
+    """One warning line on stderr, as the command line prints its errors."""
+    print(f"medseg: warning: {message}", file=sys.stderr)
