@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,21 +158,36 @@ def test_evaluate_folder_writes_consistent_summary_and_rows(
     )
 
 
-def test_evaluate_folder_threshold_reaches_the_predictor(tiny_checkpoint, synthetic_root, tmp_path):
-    summary = evaluate_folder(
-        tiny_checkpoint, synthetic_root / "test", tmp_path / "none", threshold=1.0, progress=False
-    )
-    with open(tmp_path / "none" / "per_image.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert all(row["tp"] == row["fp"] == "0" for row in rows)  # nothing above probability 1
-    assert summary["sensitivity"] == 0.0  # every synthetic test mask has a lesion
+def _probabilities(checkpoint, folder):
+    """The predictor's (H, W) probability maps for the images of `folder`, in pair order."""
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    return predictor.probabilities([read_image(sample.image) for sample in find_pairs(folder)])
 
-    evaluate_folder(
-        tiny_checkpoint, synthetic_root / "test", tmp_path / "all", threshold=0.0, progress=False
-    )
-    with open(tmp_path / "all" / "per_image.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert all(row["fn"] == row["tn"] == "0" for row in rows)  # everything above probability 0
+
+def _predicted_pixels(out):
+    with open(out / "per_image.csv", newline="") as handle:
+        return [int(row["tp"]) + int(row["fp"]) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("quantile", [0.25, 0.75])
+def test_evaluate_folder_threshold_reaches_the_predictor(
+    tiny_checkpoint, synthetic_root, tmp_path, quantile
+):
+    test = synthetic_root / "test"
+    probabilities = _probabilities(tiny_checkpoint, test)
+    # A cut inside the untrained network's range, so it moves pixels from one side to the other.
+    threshold = float(np.quantile(np.concatenate([p.ravel() for p in probabilities]), quantile))
+    expected = [int(binarize(probability, threshold).sum()) for probability in probabilities]
+    assert 0 < sum(expected) < 4 * 64 * 64
+
+    evaluate_folder(tiny_checkpoint, test, tmp_path / "api", threshold=threshold, progress=False)
+    assert _predicted_pixels(tmp_path / "api") == expected
+    code = main(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(test),
+         "--out", str(tmp_path / "cli"), "--threshold", repr(threshold), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    assert _predicted_pixels(tmp_path / "cli") == expected
 
 
 def test_evaluate_folder_refuses_to_replace_an_evaluation(

@@ -362,7 +362,7 @@ def _run_evaluate(args) -> int:
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-        report=args.report, compile=args.compile,
+        report=args.report, compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     # --data may be a root whose test/ was chosen: say which folder the numbers describe.
     print(f"scored {summary['data']} ({summary['images']} pairs)")

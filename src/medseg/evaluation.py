@@ -81,10 +81,9 @@ def evaluate_folder(
     check_writable(out)
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile
-    )
-    if threshold is not None:
-        predictor.threshold = threshold
+        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
+        threshold=threshold,
+    )  # fmt: skip
     pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
     metrics = _score_pairs(predictor, pairs, batch_size=batch_size, progress=progress)
     summary = metrics.summary()
