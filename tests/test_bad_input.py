@@ -410,7 +410,7 @@ def test_bad_config_file_names_the_key(capsys, synthetic_root, tmp_path, values,
 @pytest.mark.parametrize(
     ("flags", "expect"),
     [
-        (["--batch-size", "0"], "train.batch_size=0 is impossible"),
+        (["--batch-size", "0"], "--batch-size: 0 is impossible"),
         (["--lr", "-1"], "train.lr=-1.0 is impossible"),
         (["--set", "train.warmup_epochs=soon"], "train.warmup_epochs='soon'"),
     ],

@@ -14,6 +14,9 @@ from medseg.losses import (
     FocalLoss,
     IoULoss,
     build_loss,
+    cross_entropy,
+    dice_loss,
+    soft_dice,
 )
 
 LN3 = math.log(3.0)
@@ -137,8 +140,61 @@ def test_gradient_flows_to_every_logit(loss):
 
 
 def test_shape_mismatch_is_reported():
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"need a target of shape \(1, 1, 4, 4\)"):
         DiceLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="need a target"):  # one channel of class indices
+        DiceLoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+# --- several classes: softmax, categorical cross-entropy, Dice over the foreground classes ---
+
+
+def confident(labels: torch.Tensor, classes: int, *, margin: float = 30.0) -> torch.Tensor:
+    """Logits (N, K, H, W) that put all probability on the classes of (N, 1, H, W) labels."""
+    one_hot = F.one_hot(labels[:, 0].long(), classes).movedim(-1, 1)
+    return one_hot.float() * margin
+
+
+def test_multiclass_losses_of_a_perfect_prediction_are_zero():
+    labels = torch.tensor([[[[0, 1], [2, 2]]]]).float()
+    logits = confident(labels, 3)
+    for loss in (DiceBCELoss(smooth=0.0), DiceLoss(smooth=0.0), IoULoss(smooth=0.0)):
+        assert float(loss(logits, labels)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_multiclass_cross_entropy_of_uniform_logits_is_log_k():
+    labels = torch.tensor([[[[0, 1], [2, 3]]]]).float()
+    assert float(cross_entropy(torch.zeros(1, 4, 2, 2), labels)) == pytest.approx(math.log(4))
+
+
+def test_multiclass_soft_dice_by_hand():
+    # 1×4 image, 3 classes; probabilities made exactly by softmax of log-probabilities.
+    probs = torch.tensor(
+        [
+            [0.8, 0.1, 0.1, 0.2],  # background
+            [0.1, 0.8, 0.1, 0.2],  # class 1
+            [0.1, 0.1, 0.8, 0.6],  # class 2
+        ]
+    )
+    logits = probs.log().reshape(1, 3, 1, 4)
+    labels = torch.tensor([0.0, 1.0, 2.0, 2.0]).reshape(1, 1, 1, 4)
+    # Class 1: 2·0.8 / (1.2 + 1); class 2: 2·1.4 / (1.6 + 2); background is not scored.
+    expected = torch.tensor([1.6 / 2.2, 2.8 / 3.6])
+    assert torch.allclose(soft_dice(logits, labels, smooth=0.0), expected, atol=1e-6)
+    assert float(dice_loss(logits, labels, smooth=0.0)) == pytest.approx(
+        1 - float(expected.mean()), abs=1e-6
+    )
+    # Cross-entropy: mean of -log p(true class) = -(log .8 + log .8 + log .8 + log .6) / 4.
+    expected_ce = -(3 * math.log(0.8) + math.log(0.6)) / 4
+    assert float(cross_entropy(logits, labels)) == pytest.approx(expected_ce, abs=1e-6)
+    assert float(DiceBCELoss(smooth=0.0)(logits, labels)) == pytest.approx(
+        expected_ce + 1 - float(expected.mean()), abs=1e-6
+    )
+
+
+def test_focal_loss_refuses_several_classes_in_one_line():
+    with pytest.raises(MedsegError, match="binary only"):
+        FocalLoss()(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2))
 
 
 @pytest.mark.parametrize(

@@ -328,3 +328,22 @@ def test_image_pooling_trains_on_a_batch_of_one_without_touching_its_statistics(
     assert torch.equal(pooling_norm.running_mean, before)
     assert pooling_norm.training  # back in training mode for the next, larger batch
     assert model.aspp.branches[-1].project[0].weight.grad is not None
+
+
+def test_grayscale_model_takes_one_channel_and_sums_the_imagenet_stem_filters(tmp_path):
+    from torchvision import models
+
+    weights = models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(weights, path)
+    model = DeepLabV3Plus(num_classes=4, backbone="resnet18", pretrained=str(path), in_channels=1)
+    stem = model.backbone.stem[0]
+    assert stem.weight.shape == (64, 1, 7, 7)
+    assert torch.allclose(stem.weight, weights["conv1.weight"].sum(dim=1, keepdim=True))
+    # A gray image gives the response the RGB stem gave to the same image repeated on RGB.
+    gray = torch.rand(1, 1, 32, 32)
+    rgb_stem = torch.nn.functional.conv2d(
+        gray.repeat(1, 3, 1, 1), weights["conv1.weight"], stride=2, padding=3
+    )
+    assert torch.allclose(stem(gray), rgb_stem, atol=1e-5)
+    assert model.eval()(torch.rand(2, 1, 48, 40)).shape == (2, 4, 48, 40)

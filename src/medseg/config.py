@@ -24,20 +24,24 @@ from medseg.errors import MedsegError
 @dataclass
 class DataConfig:
     # Images and masks are resized to image_size × image_size; predictions are scaled back to
-    # each image's own size. 160 rather than the specification's 256 (the seed preset): an
-    # epoch costs 2.5× less, so the hour holds 50 epochs instead of 20, while ISIC masks
-    # survive the round trip 256 -> 160 -> 256 at Dice 0.991 (benchmarks/resolution.py).
-    image_size: int = 160
+    # each image's own size. 0: planned from the data when training starts (medseg.data.plan):
+    # 160 for binary masks, the default recipe's size (see README Recipes); for label maps the
+    # smallest size at which every class survives the round trip to it and back.
+    image_size: int = 160  # PLAN-PENDING
     mask_suffix: str = "_segmentation"  # masks/<id><mask_suffix>.png pairs with images/<id>.jpg
     val_fraction: float = 0.1  # share of train/ held out for validation when there is no val/
-    augment: str = (
-        "default"  # "default" (tuned for dermoscopy), "seed" (the specification's), "none"
-    )
+    # "default" (dermoscopy: flips, turns, colour), "anatomy" (no flips: anatomy has a left
+    # and a right), "seed" (the specification's), "none"; "auto": planned from the data.
+    augment: str = "default"  # PLAN-PENDING
     num_workers: int = 0  # DataLoader processes; 0 loads in the training process
     # Where training batches are augmented: "loader" (Albumentations in the DataLoader),
     # "device" (on the GPU, from the uploaded cache), "auto" (device on CUDA, else loader).
     augment_on: str = "auto"
     skip_bad: bool = False  # leave out unreadable images (listed) instead of stopping
+    # Class names by label value, from the data root's dataset.json; empty: binary masks read
+    # by the half-range rule (medseg.data.io). Planned from the data.
+    labels: list[str] = field(default_factory=list)
+    channels: int = 3  # image channels: 3 (RGB) or 1 (grayscale); planned from the data
 
 
 @dataclass
@@ -50,6 +54,10 @@ class ModelConfig:
     # Atrous separable 3×3 convolutions in the ASPP and decoder, as in Chen et al. 2018: less
     # than half the multiply-adds of the whole network. False: plain 3×3 (the seed's network).
     separable: bool = True
+    # Set from the data (data.labels, data.channels): 1 output for binary masks (sigmoid),
+    # K for K classes (softmax); the input channels are the images'.
+    num_classes: int = 1
+    in_channels: int = 3
 
 
 @dataclass
@@ -116,7 +124,7 @@ def choices() -> dict[tuple[str, str], tuple]:
     from medseg.model import RESNETS, VARIANTS
 
     return {
-        ("data", "augment"): AUGMENTATIONS,
+        ("data", "augment"): ("auto", *AUGMENTATIONS),
         ("data", "augment_on"): ("auto", "loader", "device"),
         ("model", "backbone"): tuple(RESNETS),
         ("model", "variant"): VARIANTS,
@@ -159,8 +167,11 @@ PROBABILITY = Range(low=0, high=1, low_open=True, high_open=True)  # strictly be
 
 # (section, key) -> the range of a numeric setting. Every float must also be finite.
 RANGES = {
-    ("data", "image_size"): Range(low=32),
+    ("data", "image_size"): Range(low=0),
     ("data", "val_fraction"): PROBABILITY,
+    ("data", "channels"): Range(low=1),
+    ("model", "num_classes"): Range(low=1),
+    ("model", "in_channels"): Range(low=1),
     ("data", "num_workers"): NON_NEGATIVE,
     ("model", "aspp_dropout"): Range(low=0, high=1, high_open=True),
     ("train", "epochs"): Range(low=1),
@@ -262,6 +273,12 @@ def validate(config: Config) -> None:
             f"train.loss_per_image needs a Dice loss (dice_bce, dice, dice_focal), "
             f"not {config.train.loss!r}"
         )
+    _check_classes(config)
+    if 0 < config.data.image_size < 32:
+        raise MedsegError(
+            f"data.image_size={config.data.image_size} is impossible; it must be at least 32 "
+            f"(or 0: planned from the data)"
+        )
     if config.model.variant == "seed" and config.model.output_stride != 16:
         raise MedsegError(
             "model.output_stride=8 needs model.variant=paper (the seed variant is stride 16)"
@@ -269,6 +286,33 @@ def validate(config: Config) -> None:
     from medseg.engine.runtime import parse_device
 
     parse_device(config.train.device)
+
+
+def _check_classes(config: Config) -> None:
+    """The model's outputs and inputs must match the data's classes and channels."""
+    from medseg.losses import MULTI_CLASS_LOSSES
+
+    labels, model = config.data.labels, config.model
+    if labels and (len(labels) < 2 or len(set(labels)) != len(labels)):
+        raise MedsegError(
+            f"data.labels={labels} must name at least two classes (background first), each once"
+        )
+    outputs = len(labels) if len(labels) > 2 else 1
+    if model.num_classes != outputs:
+        raise MedsegError(
+            f"model.num_classes={model.num_classes} does not fit data.labels ({len(labels) or 2} "
+            f"classes need {outputs} output{'s' * (outputs > 1)}); leave both to the data's dataset.json"
+        )
+    if model.in_channels != config.data.channels:
+        raise MedsegError(
+            f"model.in_channels={model.in_channels} differs from data.channels="
+            f"{config.data.channels}; leave both to the data"
+        )
+    if outputs > 1 and config.train.loss not in MULTI_CLASS_LOSSES:
+        raise MedsegError(
+            f"train.loss={config.train.loss!r} is binary only; for {outputs} classes choose one "
+            f"of {', '.join(MULTI_CLASS_LOSSES)}"
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -309,6 +353,10 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     """Check a value against its annotation, converting only where nothing is lost (1 → 1.0)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
+        if typing.get_origin(option) is list:
+            if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+                return list(value)
+            continue
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -317,7 +365,7 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    expected = " or ".join(option.__name__ for option in options)
+    expected = " or ".join(getattr(option, "__name__", str(option)) for option in options)
     raise MedsegError(f"{name}={value!r} in {source} has the wrong type; expected {expected}")
 
 

@@ -1,12 +1,18 @@
-"""Losses for binary segmentation: a functional core and thin `nn.Module` wrappers.
+"""Segmentation losses: a functional core and thin `nn.Module` wrappers.
 
-Every loss takes `logits` (N, 1, H, W), any float dtype, and `target` (N, 1, H, W) with values
-in {0, 1}, and returns a scalar float32 tensor. Both are cast to float32 first: training runs
-under bfloat16 autocast, whose 8-bit mantissa is too coarse for sums over a whole batch of pixels.
+Every loss takes `logits` (N, C, H, W), any float dtype, and `target` (N, 1, H, W), and returns
+a scalar float32 tensor. Both are cast to float32 first: training runs under bfloat16 autocast,
+whose 8-bit mantissa is too coarse for sums over a whole batch of pixels.
 
-Dice and IoU are soft: they use p = sigmoid(logits) in place of a thresholded mask, so they have a
+- Binary (C = 1): `target` holds 0/1, probabilities are sigmoid(logits), the cross-entropy is BCE.
+- Multi-class (C = K > 1): `target` holds class indices 0..K-1, probabilities are softmax over
+  the classes, the cross-entropy is categorical, and the soft Dice (or IoU) is the mean over the
+  foreground classes 1..K-1, as nnU-Net's default Dice + CE loss: background, which fills most
+  of an image, would otherwise dominate the overlap term.
+
+Dice and IoU are soft: they use probabilities in place of a thresholded mask, so they have a
 gradient. Unless `per_image=True`, they pool the sums over the whole batch, as the seed project
-did; pooling weights large lesions more and stays defined when one image has an empty mask.
+did; pooling weights large structures more and stays defined when one image lacks a class.
 """
 
 from __future__ import annotations
@@ -24,26 +30,42 @@ from medseg.errors import MedsegError
 
 
 def _as_float32(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Check that `logits` and `target` have one shape; return both as float32."""
-    if logits.shape != target.shape:
+    """Check that `target` fits `logits`; return both as float32."""
+    expected = (logits.shape[0], 1, *logits.shape[2:])
+    if tuple(target.shape) != expected:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same "
-            "shape (N, 1, H, W); resize the mask to the model's output size"
+            f"logits {tuple(logits.shape)} need a target of shape {expected}, got "
+            f"{tuple(target.shape)}; resize the mask to the model's output size"
         )
     return logits.float(), target.float()
 
 
 def _sum_dims(tensor: Tensor, per_image: bool) -> tuple[int, ...]:
-    """Dimensions to sum over: all but the batch one when `per_image`, otherwise all."""
-    return tuple(range(1, tensor.dim())) if per_image else tuple(range(tensor.dim()))
+    """Dimensions to sum over, class dimension kept: (N, C, H, W) -> sums of shape (N, C) when
+    `per_image`, otherwise (C,)."""
+    spatial = tuple(range(2, tensor.dim()))
+    return spatial if per_image else (0, *spatial)
+
+
+def probabilities_and_targets(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(probabilities, one-hot targets) of the classes the overlap terms score, (N, C', H, W).
+
+    Binary: the foreground's sigmoid and the 0/1 mask. Multi-class: softmax and one-hot of the
+    foreground classes 1..K-1 only.
+    """
+    logits, target = _as_float32(logits, target)
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits), target
+    classes = logits.shape[1]
+    one_hot = F.one_hot(target[:, 0].long(), classes).movedim(-1, 1).float()
+    return torch.softmax(logits, dim=1)[:, 1:], one_hot[:, 1:]
 
 
 def soft_dice(
     logits: Tensor, target: Tensor, *, smooth: float = 1.0, per_image: bool = False
 ) -> Tensor:
-    """Soft Dice score (2·Σpt + s) / (Σp + Σt + s); shape (N,) if `per_image`, else ()."""
-    logits, target = _as_float32(logits, target)
-    probs = torch.sigmoid(logits)
+    """Soft Dice (2·Σpt + s) / (Σp + Σt + s) per scored class; (N, C') if `per_image`, else (C',)."""
+    probs, target = probabilities_and_targets(logits, target)
     dims = _sum_dims(probs, per_image)
     intersection = (probs * target).sum(dims)
     total = probs.sum(dims) + target.sum(dims)
@@ -53,17 +75,25 @@ def soft_dice(
 def dice_loss(
     logits: Tensor, target: Tensor, *, smooth: float = 1.0, per_image: bool = False
 ) -> Tensor:
-    """1 - soft Dice, pooled over the batch or averaged over images; scalar."""
+    """1 - soft Dice, averaged over the scored classes (and images, if `per_image`); scalar."""
     return (1.0 - soft_dice(logits, target, smooth=smooth, per_image=per_image)).mean()
 
 
 def iou_loss(logits: Tensor, target: Tensor, *, smooth: float = 1.0) -> Tensor:
     """1 - soft IoU (Σpt + s) / (Σp + Σt - Σpt + s), pooled over the batch; scalar."""
+    probs, target = probabilities_and_targets(logits, target)
+    dims = _sum_dims(probs, per_image=False)
+    intersection = (probs * target).sum(dims)
+    union = probs.sum(dims) + target.sum(dims) - intersection
+    return (1.0 - (intersection + smooth) / (union + smooth)).mean()
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean pixel cross-entropy: binary (BCE on the one logit) or categorical; scalar."""
     logits, target = _as_float32(logits, target)
-    probs = torch.sigmoid(logits)
-    intersection = (probs * target).sum()
-    union = probs.sum() + target.sum() - intersection
-    return 1.0 - (intersection + smooth) / (union + smooth)
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, target[:, 0].long())
 
 
 def focal_loss(
@@ -75,6 +105,11 @@ def focal_loss(
     class, and by alpha for foreground / (1 - alpha) for background; `alpha=None` skips that.
     """
     logits, target = _as_float32(logits, target)
+    if logits.shape[1] > 1:
+        raise MedsegError(
+            f"the focal losses are binary only; for {logits.shape[1]} classes use one of "
+            f"{', '.join(MULTI_CLASS_LOSSES)}"
+        )
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     # bce = -log(p_t), so exp(-bce) is p_t without a separate, less stable sigmoid.
     p_true = torch.exp(-bce)
@@ -87,10 +122,10 @@ def focal_loss(
 def dice_bce_loss(
     logits: Tensor, target: Tensor, *, smooth: float = 1.0, per_image: bool = False
 ) -> Tensor:
-    """Mean BCE + soft Dice loss (pooled: the seed project's training loss); scalar."""
-    logits, target = _as_float32(logits, target)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    return bce + dice_loss(logits, target, smooth=smooth, per_image=per_image)
+    """Cross-entropy + soft Dice loss (binary: the seed project's BCE + Dice); scalar."""
+    return cross_entropy(logits, target) + dice_loss(
+        logits, target, smooth=smooth, per_image=per_image
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +249,9 @@ LOSSES: dict[str, type[nn.Module]] = {
     "focal": FocalLoss,
     "dice_focal": DiceFocalLoss,
 }
+
+
+MULTI_CLASS_LOSSES = ("dice_bce", "dice", "iou")  # those defined for K > 1 classes too
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:

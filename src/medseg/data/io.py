@@ -31,10 +31,48 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 120_000_000
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 RGB (H, W, 3); a one-line MedsegError names a bad file."""
+def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
+    """Read an image as uint8 (H, W, channels): RGB for 3, gray for 1; a bad file is named."""
     with _open(path) as image:
-        return _to_rgb(image)
+        rgb = _to_rgb(image)
+    if channels == 1:
+        # ITU-R 601 luma, as PIL's "L" mode: a gray image read this way comes back unchanged.
+        gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    return rgb
+
+
+def read_target(path: str | Path, labels: list[str] | tuple[str, ...] = ()) -> np.ndarray:
+    """A mask as uint8 (H, W) class values: a label map read exactly when the data declares
+    ``labels`` (dataset.json), else a binary mask by the half-range rule (0/1)."""
+    if labels:
+        return read_label_map(path, labels)
+    return read_mask(path).astype(np.uint8)
+
+
+def read_label_map(path: str | Path, labels: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Read a label map as uint8 (H, W): each value a class index 0..K-1, read exactly."""
+    with _open(path) as image:
+        mode = image.mode
+        values = np.asarray(image)
+    if mode in ("RGB", "RGBA") or values.ndim != 2:
+        colours = (
+            len(np.unique(values.reshape(-1, values.shape[-1]), axis=0)) if values.ndim == 3 else 0
+        )
+        raise MedsegError(
+            f"mask {path} is a colour image ({colours} colours); a label map is expected: one "
+            f"channel whose values are the class indices 0..{len(labels) - 1} of dataset.json"
+        )
+    largest = int(values.max()) if values.size else 0
+    if largest >= len(labels):
+        found = sorted(int(value) for value in np.unique(values) if value >= len(labels))
+        shown = ", ".join(map(str, found[:5])) + (" ..." if len(found) > 5 else "")
+        allowed = ", ".join(f"{value} {name}" for value, name in enumerate(labels))
+        raise MedsegError(
+            f"mask {path} holds the value {shown}, which dataset.json does not declare "
+            f"(allowed: {allowed}); fix the mask or add the class to dataset.json"
+        )
+    return values.astype(np.uint8)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -53,7 +91,8 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise MedsegError(
             f"mask {path} has values up to {largest}, none above {half_range} (half its range), "
             f"so no pixel would count as foreground; save it with 0 for background and 255 "
-            f"(or 1) for the lesion"
+            f"(or 1) for the lesion, or, if its values are class labels, declare them in a "
+            f"dataset.json beside train/ (see README, Multi-class)"
         )
     return values > half_range
 

@@ -1,7 +1,8 @@
 """Albumentations pipelines: what the network sees in training and at evaluation.
 
-Every pipeline ends in ImageNet normalisation and a CHW tensor. Masks go through the same
-geometric changes (nearest-neighbour, so they stay binary) and none of the colour changes.
+Every pipeline ends in normalisation (ImageNet's statistics; for one channel their mean over
+RGB) and a CHW tensor. Masks go through the same geometric changes (nearest-neighbour, so they
+keep their values: 0/1, or class indices) and none of the colour changes.
 `resize_image` and `resize_mask` are the one way medseg brings an image and its mask to the
 network's size: the training cache, the evaluation pipeline and the predictor all call them, so
 the network never sees at prediction time an image scaled differently from its training images.
@@ -18,7 +19,20 @@ from medseg.errors import MedsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("default", "seed", "none")  # the training pipelines train_transform builds
+# The training pipelines train_transform builds: "default" (dermoscopy), "anatomy" (no
+# flips: sided anatomy, gray or colour), "seed" (the specification's), "none".
+AUGMENTATIONS = ("default", "anatomy", "seed", "none")
+# Pipelines whose flips make the network see both orientations, so flip TTA is meaningful.
+FLIPPING_AUGMENTATIONS = ("default", "seed")
+
+
+def normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel: ImageNet's for RGB; for one channel, their mean over RGB, which
+    suits the stem filters summed over RGB (`medseg.model.backbone`)."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = float(np.mean(IMAGENET_MEAN)), float(np.mean(IMAGENET_STD))
+    return (mean,) * channels, (std,) * channels
 
 
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -50,45 +64,68 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return soft > 127
 
 
-class ResizeSquare(A.DualTransform):
-    """`resize_image` and `resize_mask` as a pipeline step (the mask keeps its dtype)."""
+def resize_label_map(labels: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 (H, W) label map to ``size`` × ``size`` by nearest neighbour: a class
+    index is never interpolated into another class's value."""
+    if labels.shape[:2] == (size, size):
+        return labels
+    return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
 
-    def __init__(self, size: int):
+
+def resize_target(target: np.ndarray, size: int, *, label_map: bool) -> np.ndarray:
+    """A training target at the network's size: `resize_label_map` for label maps, else
+    `resize_mask` (as uint8 0/1)."""
+    if label_map:
+        return resize_label_map(target, size)
+    return resize_mask(target, size).astype(np.uint8)
+
+
+class ResizeSquare(A.DualTransform):
+    """`resize_image` and `resize_target` as a pipeline step (the mask keeps its dtype)."""
+
+    def __init__(self, size: int, *, label_map: bool = False):
         super().__init__(p=1.0)
         self.size = size
+        self.label_map = label_map
 
     def apply(self, img: np.ndarray, **params) -> np.ndarray:
         return resize_image(img, self.size)
 
     def apply_to_mask(self, mask: np.ndarray, **params) -> np.ndarray:
-        return resize_mask(mask, self.size).astype(mask.dtype)
+        return resize_target(mask, self.size, label_map=self.label_map).astype(mask.dtype)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("size",)
+        return ("size", "label_map")
 
 
-def eval_transform(size: int) -> A.Compose:
+def eval_transform(size: int, *, channels: int = 3, label_map: bool = False) -> A.Compose:
     """Resize to size × size (`resize_image`), normalise, to tensor."""
-    return A.Compose([ResizeSquare(size), *_to_network()])
+    return A.Compose([ResizeSquare(size, label_map=label_map), *_to_network(channels)])
 
 
-def train_transform(size: int, augment: str = "default") -> A.Compose:
-    """The training pipeline: ``"default"``, ``"seed"`` (the specification's) or ``"none"``."""
+def train_transform(
+    size: int, augment: str = "default", *, channels: int = 3, label_map: bool = False
+) -> A.Compose:
+    """The training pipeline ``augment`` (one of `AUGMENTATIONS`) at size × size."""
     if augment == "none":
-        return eval_transform(size)
+        return eval_transform(size, channels=channels, label_map=label_map)
+    if augment == "anatomy":
+        return A.Compose([*_anatomy_geometry(size), *_anatomy_intensity(), *_to_network(channels)])
     if augment == "seed":
         return A.Compose(
             [
-                ResizeSquare(size),
+                ResizeSquare(size, label_map=label_map),
                 A.HorizontalFlip(p=0.5),
                 A.VerticalFlip(p=0.5),
                 A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, p=0.5),
                 A.GaussNoise(std_range=(0.02, 0.1), p=0.2),
-                *_to_network(),
+                *_to_network(channels),
             ]
         )
     if augment == "default":
-        return A.Compose([*_dermoscopy_geometry(size), *_dermoscopy_colour(), *_to_network()])
+        return A.Compose(
+            [*_dermoscopy_geometry(size), *_dermoscopy_colour(), *_to_network(channels)]
+        )
     raise MedsegError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
@@ -116,5 +153,33 @@ def _dermoscopy_colour() -> list:
     ]
 
 
-def _to_network() -> list:
-    return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
+def _anatomy_geometry(size: int) -> list:
+    # Anatomy has a side: a flipped chest puts the heart on the right and swaps the lungs'
+    # labels, so no flips or quarter turns. Patients are framed a little differently, lean a
+    # little and differ in size: small shifts, rotations and zooms. Constant borders: the edge
+    # of a radiograph is dark, not a mirror of the body.
+    return [
+        A.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15), p=1.0),
+        A.Affine(
+            rotate=(-10, 10),
+            scale=(0.9, 1.1),
+            translate_percent=(-0.05, 0.05),
+            border_mode=cv2.BORDER_CONSTANT,
+            p=0.7,
+        ),
+    ]
+
+
+def _anatomy_intensity() -> list:
+    # Exposure, detector and processing differ between machines and hospitals: contrast,
+    # brightness and gamma vary more than for photographs, plus some noise and blur.
+    return [
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.3, p=0.8),
+        A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+        A.OneOf([A.GaussNoise(std_range=(0.02, 0.06)), A.GaussianBlur(blur_limit=(3, 5))], p=0.3),
+    ]
+
+
+def _to_network(channels: int = 3) -> list:
+    mean, std = normalisation(channels)
+    return [A.Normalize(mean=mean, std=std), ToTensorV2()]

@@ -14,6 +14,7 @@ to know which ResNet or which cut it was given.
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.error
 from pathlib import Path
@@ -67,11 +68,13 @@ def build_backbone(
     variant: str = "seed",
     output_stride: int = 16,
     pretrained: bool | str | os.PathLike = False,
+    in_channels: int = 3,
 ) -> ResNetBackbone:
     """Build a ResNet backbone cut for DeepLabv3+.
 
     ``pretrained``: False (random init), True (torchvision's ImageNet weights, from its cache or
-    downloaded), or a path to a local ResNet state dict.
+    downloaded), or a path to a local ResNet state dict. ``in_channels``: 3 for colour images,
+    1 for grayscale (X-ray, CT, MRI slices), or any other count of stacked channels.
     """
     if name not in RESNETS:
         raise MedsegError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
@@ -87,6 +90,8 @@ def build_backbone(
     resnet = builder(weights=None)
     if pretrained:
         _load_pretrained(resnet, name, weights, pretrained)
+    if in_channels != 3:
+        resnet.conv1 = _adapt_first_convolution(resnet.conv1, in_channels)
 
     if variant == "paper":
         _dilate(resnet.layer4, dilation=2 if output_stride == 16 else 4)
@@ -99,6 +104,26 @@ def build_backbone(
         low_channels=low_channels,
         deep_channels=deep_channels,
     )
+
+
+def _adapt_first_convolution(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """The stem convolution for ``in_channels`` input channels, keeping what it learned.
+
+    ImageNet's filters respond to colour; for one channel their sum over RGB responds to a gray
+    image as the RGB filter did to the same image in gray (as smp and timm adapt them). For
+    other counts the RGB filters are cycled and rescaled so the response keeps its size.
+    """
+    adapted = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False
+    )
+    with torch.no_grad():
+        rgb = conv.weight  # (64, 3, 7, 7)
+        if in_channels == 1:
+            adapted.weight.copy_(rgb.sum(dim=1, keepdim=True))
+        else:
+            cycled = rgb.repeat(1, math.ceil(in_channels / 3), 1, 1)[:, :in_channels]
+            adapted.weight.copy_(cycled * (3 / in_channels))
+    return adapted
 
 
 def _dilate(stage: nn.Sequential, *, dilation: int) -> None:

@@ -25,9 +25,10 @@ LEGACY_SETTINGS = {"separable": False}
 class DeepLabV3Plus(nn.Module):
     """DeepLabv3+ for segmentation; logits of the same height and width as the input.
 
-    Input ``(N, 3, H, W)`` float (ImageNet-normalised), any H and W of at least 32 pixels;
+    Input ``(N, in_channels, H, W)`` float (normalised), any H and W of at least 32 pixels;
     output logits ``(N, num_classes, H, W)``. For binary masks, ``num_classes=1`` and
-    ``sigmoid(logits) > 0.5`` is the mask.
+    ``sigmoid(logits) > threshold`` is the mask; for K classes, ``num_classes=K`` and the label
+    map is ``logits.argmax(1)``.
 
     Keyword arguments are stored in ``self.config`` so a checkpoint can rebuild the model.
     """
@@ -42,10 +43,12 @@ class DeepLabV3Plus(nn.Module):
         pretrained: bool | str | os.PathLike = False,
         aspp_dropout: float = 0.1,
         separable: bool = True,
+        in_channels: int = 3,
     ):
         super().__init__()
         self.config = {
             "num_classes": num_classes,
+            "in_channels": in_channels,
             "backbone": backbone,
             "variant": variant,
             "output_stride": output_stride,
@@ -53,7 +56,11 @@ class DeepLabV3Plus(nn.Module):
             "separable": separable,
         }
         self.backbone = build_backbone(
-            name=backbone, variant=variant, output_stride=output_stride, pretrained=pretrained
+            name=backbone,
+            variant=variant,
+            output_stride=output_stride,
+            pretrained=pretrained,
+            in_channels=in_channels,
         )
         # Rates are those of the paper at output stride 16, doubled at output stride 8 so the
         # receptive fields cover the same part of the image.
@@ -66,11 +73,12 @@ class DeepLabV3Plus(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: ModelConfig, *, num_classes: int = 1, pretrained: bool | str | None = None
+        cls, config: ModelConfig, *, pretrained: bool | str | None = None
     ) -> DeepLabV3Plus:
         """The network a run's ``model`` settings describe (``pretrained`` overrides theirs)."""
         return cls(
-            num_classes=num_classes,
+            num_classes=config.num_classes,
+            in_channels=config.in_channels,
             backbone=config.backbone,
             variant=config.variant,
             output_stride=config.output_stride,

@@ -1,0 +1,92 @@
+"""A data root's ``dataset.json``, in nnU-Net v2's convention: class names and image channels.
+
+```json
+{
+  "name": "JSRT chest radiographs",
+  "labels": {"background": 0, "right_lung": 1, "left_lung": 2, "heart": 3},
+  "channel_names": {"0": "X-ray"}
+}
+```
+
+``labels`` maps each class name to its value in the masks, background 0 and the others
+1..K-1 without gaps; masks are then label maps read exactly. ``channel_names`` (nnU-Net v2) or
+``channels`` (a count) says how many channels an image has: 1 for grayscale modalities. Without
+a dataset.json, masks are binary and read by the half-range rule (`medseg.data.io.read_mask`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+FILE_NAME = "dataset.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset.json declares: class names by label value, and image channels."""
+
+    labels: tuple[str, ...]
+    channels: int = 3
+    name: str = ""
+
+
+def find_dataset_json(folder: str | Path) -> Path | None:
+    """The dataset.json of a data root, or of the root above a split folder (ROOT/test)."""
+    folder = Path(folder)
+    for candidate in (folder / FILE_NAME, folder.parent / FILE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_dataset_info(folder: str | Path) -> DatasetInfo | None:
+    """The dataset.json beside ``folder`` (see `find_dataset_json`), checked; None without one."""
+    path = find_dataset_json(folder)
+    if path is None:
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MedsegError(f"{path} is not readable JSON ({error}); fix or remove it") from error
+    if not isinstance(values, dict):
+        raise MedsegError(f"{path} must hold a JSON object with a 'labels' entry")
+    return DatasetInfo(
+        labels=_labels(values.get("labels"), path),
+        channels=_channels(values, path),
+        name=str(values.get("name", "")),
+    )
+
+
+def _labels(labels, path: Path) -> tuple[str, ...]:
+    example = '"labels": {"background": 0, "lesion": 1}'
+    if not isinstance(labels, dict) or len(labels) < 2:
+        raise MedsegError(f"{path} needs 'labels' naming at least two classes, e.g. {example}")
+    for name, value in labels.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MedsegError(
+                f"{path}: label {name!r} has the value {value!r}; medseg reads one integer per "
+                f"class (nnU-Net's region lists are not supported), e.g. {example}"
+            )
+    by_value = sorted(labels.items(), key=lambda item: item[1])
+    if [value for _, value in by_value] != list(range(len(labels))):
+        values = ", ".join(str(value) for _, value in by_value)
+        raise MedsegError(
+            f"{path}: the label values are {values}; they must be 0 (background) to "
+            f"{len(labels) - 1} without gaps"
+        )
+    return tuple(name for name, _ in by_value)
+
+
+def _channels(values: dict, path: Path) -> int:
+    names = values.get("channel_names", values.get("modality"))
+    count = len(names) if isinstance(names, dict) else values.get("channels", 3)
+    if not isinstance(count, int) or isinstance(count, bool) or count not in (1, 3):
+        raise MedsegError(
+            f"{path}: images with {count!r} channels are not supported; medseg reads 1 "
+            f"(grayscale) or 3 (RGB) channels"
+        )
+    return count

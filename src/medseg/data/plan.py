@@ -1,0 +1,111 @@
+"""The settings a data set decides, derived from its files as nnU-Net's plans are.
+
+A config leaves some settings to the data (``data.image_size=0``, ``data.augment="auto"``,
+and the classes and channels of a dataset.json). `plan` fills them in when training starts;
+the run's config.yaml and checkpoints record the result, so prediction never plans again.
+
+- Classes and channels: from the data root's dataset.json (`medseg.data.dataset`), else binary
+  RGB.
+- Image size: binary masks train at the default recipe's 160 (measured on ISIC, README
+  Recipes). Label maps train at the smallest `SIZES` entry at which every class of the
+  training masks survives the round trip there and back (nearest down, as the cache resizes
+  label maps; one-hot bilinear up and arg-max, as predictions come back) with mean Dice at
+  least `ROUND_TRIP_DICE`: thin structures (clavicles, vessels) decide it.
+- Augmentation: "default" (flips and turns) for binary masks; "anatomy" (no flips) for label
+  maps, whose classes often have a side (a right and a left lung).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from medseg.config import Config, validate
+from medseg.data.dataset import DatasetInfo, read_dataset_info
+
+BINARY_IMAGE_SIZE = 160
+SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
+ROUND_TRIP_DICE = 0.96
+FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
+
+
+def plan(config: Config, data_root: str | Path, *, train_masks: list[Path]) -> Config:
+    """``config`` with the settings it leaves to the data filled in; prints what was chosen."""
+    info = read_dataset_info(data_root) or DatasetInfo(
+        labels=tuple(config.data.labels), channels=config.data.channels
+    )
+    labels = list(info.labels)
+    data = replace(config.data, labels=labels, channels=info.channels)
+    model = replace(
+        config.model,
+        num_classes=len(labels) if len(labels) > 2 else 1,
+        in_channels=info.channels,
+    )
+    notes = []
+    if data.image_size == 0:
+        data.image_size, note = _image_size(labels, train_masks)
+        notes.append(note)
+    if data.augment == "auto":
+        data.augment = "anatomy" if len(labels) > 2 else "default"
+        notes.append(f"augmentation {data.augment!r}")
+    planned = replace(config, data=data, model=model)
+    validate(planned)
+    print(f"plan from the data: {describe_classes(planned)}; " + "; ".join(notes))
+    return planned
+
+
+def describe_classes(config: Config) -> str:
+    labels, channels = config.data.labels, config.data.channels
+    kind = "grayscale" if channels == 1 else f"{channels}-channel"
+    if len(labels) > 2:
+        return f"{len(labels)} classes ({', '.join(labels)}), {kind} images"
+    return f"binary masks, {kind} images"
+
+
+def _image_size(labels: list[str], train_masks: list[Path]) -> tuple[int, str]:
+    if len(labels) <= 2:
+        return BINARY_IMAGE_SIZE, f"{BINARY_IMAGE_SIZE}×{BINARY_IMAGE_SIZE} (binary masks)"
+    from medseg.data.io import read_label_map
+
+    step = max(1, len(train_masks) // FINGERPRINT_MASKS)
+    masks = [read_label_map(path, labels) for path in train_masks[::step][:FINGERPRINT_MASKS]]
+    native = max(max(mask.shape) for mask in masks)
+    for size in SIZES:
+        if size >= native:
+            return native, f"{native}×{native} (the images' own size)"
+        worst_name, worst = _worst_class(masks, size, labels)
+        if worst >= ROUND_TRIP_DICE:
+            return size, (
+                f"{size}×{size} (every class keeps Dice ≥ {ROUND_TRIP_DICE} through the resize; "
+                f"lowest {worst_name} {worst:.3f})"
+            )
+    return SIZES[-1], f"{SIZES[-1]}×{SIZES[-1]} (the largest planned size)"
+
+
+def _worst_class(masks: list[np.ndarray], size: int, labels: list[str]) -> tuple[str, float]:
+    """The class with the lowest mean round-trip Dice at ``size``, and that Dice."""
+    classes = len(labels)
+    totals = np.zeros(classes)
+    counts = np.zeros(classes)
+    for mask in masks:
+        back = round_trip(mask, size, classes)
+        for value in range(1, classes):
+            truth, kept = mask == value, back == value
+            denominator = truth.sum() + kept.sum()
+            if denominator:
+                totals[value] += 2 * (truth & kept).sum() / denominator
+                counts[value] += 1
+    means = np.where(counts > 0, totals / np.maximum(counts, 1), 1.0)
+    worst = int(np.argmin(means[1:])) + 1
+    return labels[worst], float(means[worst])
+
+
+def round_trip(mask: np.ndarray, size: int, classes: int) -> np.ndarray:
+    """A label map sent to size × size (nearest) and back as a prediction comes back."""
+    small = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    one_hot = np.stack([(small == value).astype(np.float32) for value in range(classes)], -1)
+    back = cv2.resize(one_hot, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return back.argmax(-1).astype(np.uint8)
