@@ -98,3 +98,58 @@ def restore_determinism_flag():
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+JSRT_ROOT = ISIC_ROOT.parent / "jsrt"
+TWO_CLASSES = {"background": 0, "disc": 1, "bar": 2}
+
+
+def write_label_map_set(root: Path, *, n_train: int = 8, n_test: int = 2, size: int = 48, seed=0):
+    """Grayscale images with two structures (a bright disc = 1, a dark bar = 2) as label maps."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for split, count in (("train", n_train), ("test", n_test)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for index in range(count):
+            cy, cx, radius = rng.integers(14, size - 14), rng.integers(14, size - 14), size // 6
+            labels = np.zeros((size, size), np.uint8)
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = 1
+            top = rng.integers(2, size - 8)
+            labels[top : top + 4, 4 : size - 4] = 2
+            image = 100 + 80 * (labels == 1) - 60 * (labels == 2) + rng.normal(0, 8, labels.shape)
+            name = f"CASE_{split}_{index:03d}"
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                root / split / "images" / f"{name}.png"
+            )
+            Image.fromarray(labels).save(root / split / "masks" / f"{name}_segmentation.png")
+    (root / "dataset.json").write_text(json.dumps({"labels": TWO_CLASSES, "channels": 1}))
+    return root
+
+
+@pytest.fixture
+def label_map_root(tmp_path):
+    """8 train and 2 test grayscale 48×48 images with 3-class label maps and a dataset.json."""
+    return write_label_map_set(tmp_path / "labelled")
+
+
+@pytest.fixture
+def small_jsrt(tmp_path):
+    """6 train and 2 test real JSRT pairs (512×512, 6 classes) with their dataset.json."""
+    if not (JSRT_ROOT / "train" / "images").is_dir():
+        pytest.skip(f"JSRT data not found at {JSRT_ROOT}")
+    root = tmp_path / "jsrt"
+    for split, count in (("train", 6), ("test", 2)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for image in sorted((JSRT_ROOT / split / "images").glob("*.png"))[:count]:
+            mask = JSRT_ROOT / split / "masks" / f"{image.stem}_segmentation.png"
+            shutil.copyfile(image, root / split / "images" / image.name)
+            shutil.copyfile(mask, root / split / "masks" / mask.name)
+    shutil.copyfile(JSRT_ROOT / "dataset.json", root / "dataset.json")
+    return root

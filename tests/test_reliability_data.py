@@ -20,10 +20,10 @@ from PIL import Image
 import medseg.data.cache as cache_module
 from medseg.api import prepare_data
 from medseg.cli import main
-from medseg.config import DataConfig
 from medseg.data.cache import cache_root, prepare
 from medseg.data.folder import find_pairs, list_images, train_val_samples
 from medseg.data.io import MAX_PIXELS, read_image, read_mask
+from medseg.data.plan import BINARY_IMAGE_SIZE
 from medseg.errors import MedsegError
 
 TINY = ["--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--quiet"]
@@ -311,7 +311,7 @@ def test_masks_without_foreground_are_warned_about_when_built_and_opened(
     def fail(path):
         raise AssertionError(f"{path} was decoded again")
 
-    monkeypatch.setattr(cache_module, "read_mask", fail)
+    monkeypatch.setattr(cache_module, "read_target", fail)
     monkeypatch.setattr(cache_module, "_warned_folders", set())  # a new process, as it were
     prepare_data(synthetic_root, size=32)
     (warning,) = warnings_in(capsys.readouterr().err)
@@ -418,7 +418,7 @@ def test_a_share_of_a_folder_reads_its_rows_from_the_folders_cache(synthetic_roo
 
 def test_prepare_data_defaults_to_the_recipes_size(synthetic_root, monkeypatch):
     prepare_data(synthetic_root / "train")
-    size = DataConfig().image_size
+    size = BINARY_IMAGE_SIZE  # what training plans for binary masks
     monkeypatch.setattr(cache_module, "read_image", None)  # built at that size: nothing to decode
     cache = prepare(find_pairs(synthetic_root / "train"), size=size, progress=False)
     assert cache.images.shape == (12, size, size, 3)

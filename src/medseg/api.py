@@ -14,7 +14,8 @@ from typing import Any
 from medseg.config import Config, build_config
 from medseg.data.cache import prepare
 from medseg.data.folder import SPLIT_NAMES, find_pairs, find_split, resolve_split_folder
-from medseg.data.io import read_image, read_mask
+from medseg.data.io import read_image, read_target
+from medseg.data.plan import plan
 from medseg.engine.train import fit
 from medseg.errors import MedsegError
 from medseg.evaluation import evaluate_folder, format_summary, score_pair
@@ -63,7 +64,8 @@ def evaluate(
 def predict(
     *, checkpoint: str | Path, source: str | Path, output: str | Path, **options
 ) -> PredictionReport:
-    """Segment images into 0/255 masks at their own size; see `medseg.inference.predict`."""
+    """Segment images into masks at their own size (0/255, or class indices for a multi-class
+    checkpoint); see `medseg.inference.predict`."""
     return predict_files(checkpoint, source, output, **options)
 
 
@@ -78,11 +80,22 @@ def visualize(
     device: str = "auto",
     overwrite: bool = False,
     compile: bool = False,
+    threshold: float | None = None,
 ) -> list[Path]:
-    """The seed's figure for the first ``num_samples`` pairs: image, truth, prediction, overlay."""
+    """The seed's figure for the first ``num_samples`` pairs: image, truth, prediction, overlay.
+
+    A multi-class checkpoint's figures show each class in its colour, with a legend of the
+    class names; ``threshold`` (binary checkpoints only; None: the checkpoint's) cuts the
+    foreground probability.
+    """
     out = Path(out)
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile
+        checkpoint,
+        device=device,
+        tta=tta,
+        postprocess=postprocess,
+        compile=compile,
+        threshold=threshold,
     )
     pairs = find_pairs(resolve_split_folder(data), mask_suffix=predictor.config.data.mask_suffix)
     targets = {sample: out / f"{sample.id}_prediction.png" for sample in pairs[:num_samples]}
@@ -93,12 +106,17 @@ def visualize(
         )
     check_writable(out)
     paths = []
+    data = predictor.config.data
     for sample, path in targets.items():
-        image, truth = read_image(sample.image), read_mask(sample.mask)
+        image = read_image(sample.image, channels=data.channels)
+        truth = read_target(sample.mask, data.labels)
         prediction = predictor.masks([image])[0]
-        score = score_pair(sample.id, prediction, truth)
+        score = score_pair(sample.id, prediction, truth, labels=data.labels)
         title = f"{sample.id}: Dice {score['dice']:.3f}, IoU {score['iou']:.3f}"
-        paths.append(save_prediction_figure(path, image, truth, prediction, title=title))
+        figure = save_prediction_figure(
+            path, image, truth, prediction, title=title, labels=data.labels
+        )
+        paths.append(figure)
     return paths
 
 
@@ -111,10 +129,10 @@ def prepare_data(
 ) -> list[tuple[Path, int, list[str]]]:
     """Fill the training cache for every split of a data root (or one split folder).
 
-    ``size`` defaults to the recipe's ``data.image_size``, so training finds the cache ready.
+    ``size`` defaults to what training plans for this data (`medseg.data.plan`), and the
+    channels and classes come from its dataset.json, so training finds the cache ready.
     Returns (folder, pairs cached, "file: reason" of each pair skipped) per split folder.
     """
-    size = Config().data.image_size if size is None else size
     root = Path(data)
     folders = (
         [find_split(root, split) for split in SPLIT_NAMES]
@@ -122,9 +140,14 @@ def prepare_data(
         else [root]
     )
     folders = [folder for folder in folders if folder is not None] or [resolve_split_folder(root)]
+    overrides = {"data.mask_suffix": mask_suffix, **({"data.image_size": size} if size else {})}
+    data_root = root if find_split(root, "train") else folders[0].parent
+    settings = plan(build_config(overrides=overrides), data_root).data
+    layout = {"size": settings.image_size, "channels": settings.channels, "labels": settings.labels}
     results = []
     for folder in folders:
-        cache = prepare(find_pairs(folder, mask_suffix=mask_suffix), size=size, skip_bad=skip_bad)
+        pairs = find_pairs(folder, mask_suffix=mask_suffix)
+        cache = prepare(pairs, **layout, skip_bad=skip_bad)
         results.append((folder, len(cache.samples), cache.bad))
     return results
 

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from medseg.config import DataConfig
 from medseg.engine.run_folder import RunFolder
 from medseg.errors import (
     EXIT_BAD_INPUT,
@@ -308,7 +307,8 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
         const=DEFAULT_TTA,
         default=DEFAULT_TTA,
         choices=TTA_MODES,
-        help="test-time augmentation (flips; d4 adds 90° turns)",
+        help="test-time augmentation: flip (the four flips), d4 (adds 90° turns), none; auto: "
+        "flip where the network was trained on flipped images, else none",
     )
     parser.add_argument(
         "--threshold",
@@ -380,8 +380,15 @@ def _add_predict(commands) -> None:
     parser.add_argument(
         *OUT_FLAGS, dest="out", required=True, help="folder for <id>_segmentation.png masks"
     )
-    parser.add_argument("--probabilities", action="store_true", help="also write probability maps")
-    parser.add_argument("--overlay", action="store_true", help="also write overlays")
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write probabilities: <id>_probability.png (binary), <id>_probabilities.npz "
+        "(every class of a multi-class checkpoint)",
+    )
+    parser.add_argument(
+        "--overlay", action="store_true", help="also write overlays (classes in colour, a legend)"
+    )
     _add_inference_flags(parser, postprocess_default=False)
     parser.set_defaults(handler=_run_predict)
 
@@ -429,7 +436,7 @@ def _run_visualize(args) -> int:
     paths = visualize(
         checkpoint=args.checkpoint, data=args.data, out=args.out, num_samples=args.num_samples,
         tta=args.tta, postprocess=args.postprocess, device=args.device, overwrite=args.overwrite,
-        compile=args.compile,
+        compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     print(f"{len(paths)} figures written to {args.out}")
     return 0
@@ -452,8 +459,8 @@ def _add_prepare(commands) -> None:
     parser.add_argument(
         "--size",
         type=positive_int,
-        default=DataConfig().image_size,
-        help="side in pixels (data.image_size)",
+        default=None,
+        help="side in pixels (data.image_size; default: what training plans for this data)",
     )
     parser.add_argument("--mask-suffix", default="_segmentation")
     parser.add_argument("--skip-bad", action="store_true")
@@ -469,7 +476,8 @@ def _run_prepare(args) -> int:
         for problem in bad:  # named as `medseg train --skip-bad` names them
             print(f"skipped: {problem}")
         print(
-            f"{folder}: {count} pairs cached at {args.size}×{args.size}"
+            f"{folder}: {count} pairs cached"
+            + (f" at {args.size}×{args.size}" if args.size else "")
             + (f", {len(bad)} skipped" if bad else "")
         )
     return 0

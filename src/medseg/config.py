@@ -27,12 +27,12 @@ class DataConfig:
     # each image's own size. 0: planned from the data when training starts (medseg.data.plan):
     # 160 for binary masks, the default recipe's size (see README Recipes); for label maps the
     # smallest size at which every class survives the round trip to it and back.
-    image_size: int = 160  # PLAN-PENDING
+    image_size: int = 0
     mask_suffix: str = "_segmentation"  # masks/<id><mask_suffix>.png pairs with images/<id>.jpg
     val_fraction: float = 0.1  # share of train/ held out for validation when there is no val/
     # "default" (dermoscopy: flips, turns, colour), "anatomy" (no flips: anatomy has a left
     # and a right), "seed" (the specification's), "none"; "auto": planned from the data.
-    augment: str = "default"  # PLAN-PENDING
+    augment: str = "auto"
     num_workers: int = 0  # DataLoader processes; 0 loads in the training process
     # Where training batches are augmented: "loader" (Albumentations in the DataLoader),
     # "device" (on the GPU, from the uploaded cache), "auto" (device on CUDA, else loader).

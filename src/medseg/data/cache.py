@@ -2,10 +2,11 @@
 
 Decoding a large dermoscopy JPEG and resizing it costs more than the network's step on it, and
 it would otherwise be paid every epoch. ``prepare`` reads every pair once, checks it, resizes it
-to ``size × size`` and stores two arrays (images ``(N, S, S, 3)``, masks ``(N, S, S)``) under
+to ``size × size`` and stores two arrays (images ``(N, S, S, C)``, masks ``(N, S, S)`` of class
+values: 0/1 for binary masks, 0..K-1 for label maps) under
 the cache folder (``$MEDSEG_CACHE_DIR``, else ``~/.cache/medseg``). The folder's name is a hash
-of the size and of every source file's path, byte size and modification time, so changing any
-source file, or the size, makes a new cache rather than reusing a stale one.
+of the size, the channels, the classes and every source file's path, byte size and modification
+time, so changing any of them makes a new cache rather than reusing a stale one.
 
 One cache holds a whole split folder (``train/``, ...), and ``prepare`` returns the rows of the
 samples asked for: the training and validation shares of ``train/`` and ``medseg prepare``
@@ -27,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.data.folder import Sample, check_pair, find_pairs
-from medseg.data.io import read_image, read_mask
-from medseg.data.transforms import resize_image, resize_mask
+from medseg.data.io import read_image, read_target
+from medseg.data.transforms import resize_image, resize_target
 from medseg.errors import MedsegError
 from medseg.files import atomic_path, remove_partial_files, write_text
+from medseg.progress import progress_bar
 
-CACHE_VERSION = 2  # 2: one cache per split folder, with a foreground flag per mask
+CACHE_VERSION = 3  # 3: channels and label maps
 
 
 class Rows:
@@ -69,23 +70,23 @@ class Rows:
 
 @dataclass
 class PreparedCache:
-    """Resized uint8 arrays of a list of samples; ``get(i)`` returns (image, bool mask)."""
+    """Resized uint8 arrays of a list of samples; ``get(i)`` returns (image, target)."""
 
     samples: list[Sample]
-    images: np.ndarray | Rows  # (N, S, S, 3) uint8
-    masks: np.ndarray | Rows  # (N, S, S) uint8 in {0, 1}
+    images: np.ndarray | Rows  # (N, S, S, C) uint8
+    masks: np.ndarray | Rows  # (N, S, S) uint8 class values (binary: 0/1)
     bad: list[str]  # "file: reason" for each sample left out
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.images[index]), np.asarray(self.masks[index]).astype(bool)
+        return np.asarray(self.images[index]), np.asarray(self.masks[index])
 
 
 @dataclass
 class _Entry:
     """One folder's cache: a row of each array per readable pair, and what its manifest says."""
 
-    images: np.ndarray  # (R, S, S, 3) uint8
-    masks: np.ndarray  # (R, S, S) uint8 in {0, 1}
+    images: np.ndarray  # (R, S, S, C) uint8
+    masks: np.ndarray  # (R, S, S) uint8 class values
     kept: list[int]  # the pair (index into the folder's pairs) behind each row
     bad: dict[int, str]  # pair index -> "file: reason"
     foreground: list[bool]  # per row: whether the full-size mask has a foreground pixel
@@ -95,22 +96,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEDSEG_CACHE_DIR") or Path.home() / ".cache" / "medseg")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a data set's files become arrays: network size, image channels, class names."""
+
+    size: int
+    channels: int = 3
+    labels: tuple[str, ...] = ()  # empty: binary masks by the half-range rule
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, self.channels)
+
+
 def prepare(
-    samples: list[Sample], *, size: int, skip_bad: bool = False, progress: bool = True
+    samples: list[Sample],
+    *,
+    size: int,
+    channels: int = 3,
+    labels: list[str] | tuple[str, ...] = (),
+    skip_bad: bool = False,
+    progress: bool = True,
 ) -> PreparedCache:
     """Return the cache of `samples` at `size`, building their folder's cache on first use."""
     if not samples:
         raise MedsegError("there are no image + mask pairs to prepare; check the data folder")
+    layout = Layout(size=size, channels=channels, labels=tuple(labels))
     pairs = _folder_pairs(samples)
     position = {sample: index for index, sample in enumerate(pairs)}
     wanted = [position[sample] for sample in samples]
-    folder = cache_root() / _cache_key(pairs, size)
+    folder = cache_root() / _cache_key(pairs, layout)
     with contextlib.suppress(OSError):  # a cache that cannot be cleaned can still be used
         remove_partial_files(folder)  # what a killed build left: up to the size of the arrays
-    entry = _open(folder, len(pairs), size)
+    entry = _open(folder, len(pairs), layout)
     if entry is None:
         stop_at = set() if skip_bad else set(wanted)
-        entry = _build(folder, pairs, size, stop_at=stop_at, progress=progress)
+        entry = _build(folder, pairs, layout, stop_at=stop_at, progress=progress)
     return _select(entry, pairs, wanted, skip_bad=skip_bad)
 
 
@@ -131,8 +152,8 @@ def _folder_pairs(samples: list[Sample]) -> list[Sample]:
     return pairs if all(sample in known for sample in samples) else samples
 
 
-def _cache_key(pairs: list[Sample], size: int) -> str:
-    digest = hashlib.sha256(f"medseg-cache-v{CACHE_VERSION}:{size}".encode())
+def _cache_key(pairs: list[Sample], layout: Layout) -> str:
+    digest = hashlib.sha256(f"medseg-cache-v{CACHE_VERSION}:{layout}".encode())
     for sample in pairs:
         for path in (sample.image, sample.mask):
             digest.update(f"{_identity(path)};".encode())
@@ -152,13 +173,13 @@ def _identity(path: Path) -> str:
     return f"{path.resolve()}:{status.st_size}:{status.st_mtime_ns}"
 
 
-def _open(folder: Path, count: int, size: int) -> _Entry | None:
+def _open(folder: Path, count: int, layout: Layout) -> _Entry | None:
     """The cache in `folder`, or None when there is none or it is damaged (then it is said)."""
     manifest = folder / "manifest.json"
     if not manifest.is_file():  # never built, or its build was killed before the end
         return None
     try:
-        return _load(folder, count, size)
+        return _load(folder, count, layout)
     except (OSError, ValueError, KeyError, TypeError) as error:
         _warn(f"the cache {folder} was damaged ({_damage(error)}); rebuilding it")
         with contextlib.suppress(OSError):
@@ -166,7 +187,7 @@ def _open(folder: Path, count: int, size: int) -> _Entry | None:
         return None
 
 
-def _load(folder: Path, count: int, size: int) -> _Entry:
+def _load(folder: Path, count: int, layout: Layout) -> _Entry:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except ValueError as error:
@@ -179,8 +200,8 @@ def _load(folder: Path, count: int, size: int) -> _Entry:
     if sorted([*kept, *bad]) != list(range(count)):
         raise ValueError("its manifest does not account for every pair")
     return _Entry(
-        images=_load_array(folder / "images.npy", (len(kept), size, size, 3)),
-        masks=_load_array(folder / "masks.npy", (len(kept), size, size)),
+        images=_load_array(folder / "images.npy", (len(kept), *layout.image_shape)),
+        masks=_load_array(folder / "masks.npy", (len(kept), layout.size, layout.size)),
         kept=kept,
         bad=bad,
         foreground=foreground,
@@ -207,27 +228,30 @@ def _damage(error: Exception) -> str:
 
 
 def _build(
-    folder: Path, pairs: list[Sample], size: int, *, stop_at: set[int], progress: bool
+    folder: Path, pairs: list[Sample], layout: Layout, *, stop_at: set[int], progress: bool
 ) -> _Entry:
-    entry = _decode_all(pairs, size, stop_at=stop_at, progress=progress)
+    entry = _decode_all(pairs, layout, stop_at=stop_at, progress=progress)
     try:
         _store(folder, entry)
-        return _load(folder, len(pairs), size)
+        return _load(folder, len(pairs), layout)
     except (MedsegError, OSError):
         # A read-only home or a full disk must not stop training: keep the arrays in memory.
         return entry
 
 
-def _decode_all(pairs: list[Sample], size: int, *, stop_at: set[int], progress: bool) -> _Entry:
+def _decode_all(
+    pairs: list[Sample], layout: Layout, *, stop_at: set[int], progress: bool
+) -> _Entry:
     """Read and resize every pair; a bad one stops it if its index is in `stop_at`."""
-    images = np.empty((len(pairs), size, size, 3), dtype=np.uint8)
-    masks = np.empty((len(pairs), size, size), dtype=np.uint8)
+    images = np.empty((len(pairs), *layout.image_shape), dtype=np.uint8)
+    masks = np.empty((len(pairs), layout.size, layout.size), dtype=np.uint8)
     kept, bad, foreground = [], {}, []
     for index, sample in enumerate(
-        tqdm(pairs, desc="preparing", disable=not progress, leave=False)
+        progress_bar(pairs, desc="preparing", enabled=progress, leave=False)
     ):
         try:
-            image, mask = read_image(sample.image), read_mask(sample.mask)
+            image = read_image(sample.image, channels=layout.channels)
+            mask = read_target(sample.mask, layout.labels)
             if image.shape[:2] != mask.shape:
                 check_pair(sample)
         except MedsegError as error:
@@ -235,8 +259,8 @@ def _decode_all(pairs: list[Sample], size: int, *, stop_at: set[int], progress: 
                 raise MedsegError(f"{error} (or pass --skip-bad to train without it)") from error
             bad[index] = str(error)
             continue
-        images[len(kept)] = resize_image(image, size)
-        masks[len(kept)] = resize_mask(mask, size)
+        images[len(kept)] = resize_image(image, layout.size).reshape(layout.image_shape)
+        masks[len(kept)] = resize_target(mask, layout.size, label_map=bool(layout.labels))
         foreground.append(bool(mask.any()))
         kept.append(index)
     if not kept:

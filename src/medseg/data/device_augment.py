@@ -77,7 +77,7 @@ class DeviceBatches:
             indices = upload(torch.tensor([index for index, _ in items]), self.device)
             seeds = [seed for _, seed in items]
             images = self.images[indices].permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
-            masks = self.masks[indices].unsqueeze(1).float().clamp_(max=1)  # (N, 1, S, S)
+            masks = self.masks[indices].unsqueeze(1).float()  # (N, 1, S, S) class values
             yield augment_batch(images, masks, seeds, self.augment)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_error, read_image, read_mask
+from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_error, read_image, read_target
 from medseg.errors import MedsegError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -135,13 +135,8 @@ def resolve_split_folder(path: str | Path, *, preferred: str = "test") -> Path:
     )
 
 
-def train_val_samples(
-    root: str | Path, *, mask_suffix: str, val_fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    """Training and validation samples: ``val/`` when present, else a seeded share of ``train/``.
-
-    ``test/`` is never touched here: it is for the final report, not for choosing checkpoints.
-    """
+def train_pairs(root: str | Path, *, mask_suffix: str) -> list[Sample]:
+    """The pairs of a data root's ``train/`` folder (the one every run needs)."""
     root = Path(root)
     if not root.is_dir():
         raise MedsegError(
@@ -152,13 +147,24 @@ def train_val_samples(
         raise MedsegError(
             f"{root} has no train/images folder; expected {root}/train/images and {root}/train/masks"
         )
-    train = find_pairs(train_folder, mask_suffix=mask_suffix)
+    return find_pairs(train_folder, mask_suffix=mask_suffix)
+
+
+def train_val_samples(
+    root: str | Path, *, mask_suffix: str, val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Training and validation samples: ``val/`` when present, else a seeded share of ``train/``.
+
+    ``test/`` is never touched here: it is for the final report, not for choosing checkpoints.
+    """
+    root = Path(root)
+    train = train_pairs(root, mask_suffix=mask_suffix)
     val_folder = find_split(root, "val")
     if val_folder is not None:
         return train, find_pairs(val_folder, mask_suffix=mask_suffix)
     if len(train) < 2:
         raise MedsegError(
-            f"{train_folder} has {len(train)} pair; need at least 2 to hold one out for validation"
+            f"{root / 'train'} has {len(train)} pair; need at least 2 to hold one out for validation"
         )
     order = np.random.default_rng(seed).permutation(len(train))
     val_count = min(len(train) - 1, max(1, round(val_fraction * len(train))))
@@ -185,26 +191,37 @@ def check_pair(sample: Sample) -> None:
 class SegmentationFolder(Dataset):
     """Pairs of (image, mask) from disk, transformed by an Albumentations pipeline.
 
-    An item is a dict: ``image`` float (3, S, S) normalised, ``mask`` float (1, S, S) in {0, 1},
-    ``id`` str. The index may be an int or ``(int, seed)``: with a seed, the random augmentation
+    An item is a dict: ``image`` float (C, S, S) normalised, ``mask`` float (1, S, S) of class
+    values (binary: 0/1), ``id`` str. The index may be an int or ``(int, seed)``: with a seed, the random augmentation
     of that item is fixed by it, so a run is reproducible whatever the worker count, and a resumed
     run sees exactly the augmentations the uninterrupted one would have.
     """
 
-    def __init__(self, samples: list[Sample], transform, *, cache=None):
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform,
+        *,
+        cache=None,
+        channels: int = 3,
+        labels: list[str] | tuple[str, ...] = (),
+    ):
         self.samples = samples
         self.transform = transform
         self.cache = cache  # optional PreparedCache: arrays decoded and resized once
+        self.channels = channels  # for reading without a cache
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw uint8 image (H, W, 3) and bool mask (H, W) of one sample."""
+        """The raw uint8 image (H, W, C) and uint8 target (H, W) of one sample."""
         if self.cache is not None:
             return self.cache.get(index)
         sample = self.samples[index]
-        image, mask = read_image(sample.image), read_mask(sample.mask)
+        image = read_image(sample.image, channels=self.channels)
+        mask = read_target(sample.mask, self.labels)
         if image.shape[:2] != mask.shape:
             check_pair(sample)  # raises with both names and sizes
         return image, mask

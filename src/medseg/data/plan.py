@@ -25,6 +25,8 @@ import numpy as np
 
 from medseg.config import Config, validate
 from medseg.data.dataset import DatasetInfo, read_dataset_info
+from medseg.data.folder import train_pairs
+from medseg.data.io import read_label_map
 
 BINARY_IMAGE_SIZE = 160
 SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -32,8 +34,11 @@ ROUND_TRIP_DICE = 0.96
 FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
 
 
-def plan(config: Config, data_root: str | Path, *, train_masks: list[Path]) -> Config:
-    """``config`` with the settings it leaves to the data filled in; prints what was chosen."""
+def plan(config: Config, data_root: str | Path) -> Config:
+    """``config`` with the settings it leaves to the data filled in; prints what was chosen.
+
+    A config that leaves nothing to the data (a resumed run's) comes back unchanged.
+    """
     info = read_dataset_info(data_root) or DatasetInfo(
         labels=tuple(config.data.labels), channels=config.data.channels
     )
@@ -46,15 +51,21 @@ def plan(config: Config, data_root: str | Path, *, train_masks: list[Path]) -> C
     )
     notes = []
     if data.image_size == 0:
-        data.image_size, note = _image_size(labels, train_masks)
+        data.image_size, note = _image_size(labels, data_root, data.mask_suffix)
         notes.append(note)
     if data.augment == "auto":
-        data.augment = "anatomy" if len(labels) > 2 else "default"
+        data.augment = augmentation_for(labels)
         notes.append(f"augmentation {data.augment!r}")
     planned = replace(config, data=data, model=model)
     validate(planned)
-    print(f"plan from the data: {describe_classes(planned)}; " + "; ".join(notes))
+    if notes:
+        print(f"plan from the data: {describe_classes(planned)}; " + "; ".join(notes))
     return planned
+
+
+def augmentation_for(labels: list[str] | tuple[str, ...]) -> str:
+    """The training augmentation "auto" stands for: see the module docstring."""
+    return "anatomy" if len(labels) > 2 else "default"
 
 
 def describe_classes(config: Config) -> str:
@@ -65,11 +76,10 @@ def describe_classes(config: Config) -> str:
     return f"binary masks, {kind} images"
 
 
-def _image_size(labels: list[str], train_masks: list[Path]) -> tuple[int, str]:
+def _image_size(labels: list[str], data_root, mask_suffix: str) -> tuple[int, str]:
     if len(labels) <= 2:
         return BINARY_IMAGE_SIZE, f"{BINARY_IMAGE_SIZE}×{BINARY_IMAGE_SIZE} (binary masks)"
-    from medseg.data.io import read_label_map
-
+    train_masks = [sample.mask for sample in train_pairs(data_root, mask_suffix=mask_suffix)]
     step = max(1, len(train_masks) // FINGERPRINT_MASKS)
     masks = [read_label_map(path, labels) for path in train_masks[::step][:FINGERPRINT_MASKS]]
     native = max(max(mask.shape) for mask in masks)

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
-from tqdm import tqdm
 
-from medseg.config import Config, config_from_dict, read_saved_config, save_config
+from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
 from medseg.data.cache import prepare
-from medseg.data.device_augment import DeviceBatches
+from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
+from medseg.data.plan import describe_classes, plan
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.engine.checkpoint import (
@@ -62,6 +62,7 @@ from medseg.files import check_writable, write_csv
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
 from medseg.model import DeepLabV3Plus
+from medseg.progress import progress_bar
 from medseg.visualize import plot_training_curves
 
 METRIC_COLUMNS = (
@@ -277,7 +278,11 @@ class TrainingSetup:
         pretrained: bool | str | None = None,
         progress: bool = True,
     ) -> TrainingSetup:
-        """Set up training; ``pretrained`` overrides the config's (False when resuming)."""
+        """Set up training; ``pretrained`` overrides the config's (False when resuming).
+
+        Settings the config leaves to the data are planned first (`medseg.data.plan`).
+        """
+        config = plan(config, data_root)
         settings = config.train
         device = select_device(settings.device)
         ranks = init_distributed(device)
@@ -338,6 +343,7 @@ class TrainingSetup:
             "val_iou": summary["iou"],
             "val_accuracy": summary["accuracy"],
             "val_dice_pooled": summary["dice_pooled"],
+            **self._class_dice(summary),
             "seconds": time.perf_counter() - started,
         }
         if not math.isfinite(row["val_loss"]):  # weights broken by the epoch's last step
@@ -346,11 +352,19 @@ class TrainingSetup:
             )
         return row
 
+    def _class_dice(self, summary: dict[str, Any]) -> dict[str, float]:
+        """Each foreground class's validation Dice, for several classes (metrics.csv columns)."""
+        if self.config.model.num_classes == 1:
+            return {}
+        return {f"val_dice_{name}": values["dice"] for name, values in summary["per_class"].items()}
+
     def announce(self) -> None:
         model, ranks = self.config.model, self.ranks
         print(
             f"training DeepLabv3+ ({model.backbone}, {model.variant} variant) on {self.device} in "
-            f"{self.precision.name}; {len(self.train_loader.dataset)} training / "
+            f"{self.precision.name}; {describe_classes(self.config)} at "
+            f"{self.config.data.image_size}×{self.config.data.image_size}; "
+            f"{len(self.train_loader.dataset)} training / "
             f"{len(self.val_loader.dataset)} validation images; {self.config.train.epochs} epochs"
             + (f"; {ranks.world_size} processes" if ranks.distributed else "")
         )
@@ -460,7 +474,7 @@ def train_one_epoch(
     # the host prepares and queues the next batches while it computes; a CPU every step.
     read_every = 1 if device.type == "cpu" else 20
     total, steps = torch.zeros((), device=device), 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    bar = progress_bar(loader, desc=f"epoch {epoch}", leave=False, enabled=progress)
     for step, batch in enumerate(bar, start=1):
         images = batch["image"].to(device, non_blocking=True, memory_format=layout)
         masks = batch["mask"].to(device, non_blocking=True)
@@ -497,18 +511,22 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
+    layout = {"size": data.image_size, "channels": data.channels, "labels": data.labels}
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
         train_cache, val_cache = (
-            prepare(samples, size=data.image_size, skip_bad=data.skip_bad, progress=progress)
+            prepare(samples, **layout, skip_bad=data.skip_bad, progress=progress)
             for samples in (train_samples, val_samples)
         )
     for bad in train_cache.bad + val_cache.bad:
         print(f"skipped: {bad}")
+    pixels = {"channels": data.channels, "label_map": bool(data.labels)}
     train_set = SegmentationFolder(
-        train_cache.samples, train_transform(data.image_size, data.augment), cache=train_cache
+        train_cache.samples,
+        train_transform(data.image_size, data.augment, **pixels),
+        cache=train_cache,
     )
     val_set = SegmentationFolder(
-        val_cache.samples, eval_transform(data.image_size), cache=val_cache
+        val_cache.samples, eval_transform(data.image_size, **pixels), cache=val_cache
     )
     per_rank = math.ceil(len(train_set) / ranks.world_size)
     # Drop a last partial batch (a noisy step), unless the data set is smaller than one batch.
@@ -532,7 +550,7 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
         "persistent_workers": data.num_workers > 0,
     }
     train_batches = BatchSampler(samplers["train"], settings.batch_size, drop_last=drop_last)
-    if augment_on_device(data.augment_on, device):
+    if augment_on_device(data, device):
         train_loader = DeviceBatches(
             train_cache, train_batches, augment=data.augment, device=device
         )
@@ -562,9 +580,21 @@ def loss_settings(settings) -> dict[str, Any]:
     return {"per_image": True} if settings.loss_per_image else {}
 
 
-def augment_on_device(choice: str, device: torch.device) -> bool:
-    """Whether training batches are augmented on the device (``data.augment_on``)."""
-    return choice == "device" or (choice == "auto" and device.type == "cuda")
+def augment_on_device(data: DataConfig, device: torch.device) -> bool:
+    """Whether training batches are augmented on the device (``data.augment_on``).
+
+    The device pipelines are those of RGB photographs; other data is augmented in the loader.
+    """
+    supported = data.augment in DEVICE_PIPELINES and data.channels == 3
+    if data.augment_on == "device" and not supported:
+        raise MedsegError(
+            f"data.augment_on=device runs the RGB pipelines {', '.join(DEVICE_PIPELINES)}; "
+            f"this run augments {data.augment!r} on {data.channels}-channel images: use "
+            f"data.augment_on=loader (or auto)"
+        )
+    return data.augment_on == "device" or (
+        data.augment_on == "auto" and device.type == "cuda" and supported
+    )
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -612,7 +642,9 @@ def build_scheduler(
 
 def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
     run = RunFolder(out_dir)
-    write_csv(run.metrics, history, METRIC_COLUMNS)
+    per_class = [key for key in history[0] if key not in METRIC_COLUMNS]  # several classes
+    columns = (*METRIC_COLUMNS[:-1], *per_class, METRIC_COLUMNS[-1])
+    write_csv(run.metrics, history, columns)
     plot_training_curves(history, run.curves)
 
 
