@@ -1,27 +1,42 @@
-"""Segmentation metrics, all derived from per-image confusion counts (tp, fp, fn, tn).
+"""Segmentation metrics, all derived from per-image, per-class confusion counts (tp, fp, fn, tn).
 
-Counts are computed once per image (`confusion_counts`); every overlap metric is then a formula
-on the counts, so validation keeps only an (M, 4) integer table, which distributed code can
-gather or sum across processes.
+Counts are computed once per image and foreground class (`class_counts`); every overlap metric
+is then a formula on the counts, so validation keeps only an (M, C, 4) integer table (M images,
+C foreground classes), which distributed code can gather or sum across processes.
+
+Classes. A binary mask (bool or 0/1) is the case of one foreground class. A label map holds the
+class values 0 (background) to C; class k is scored one-vs-rest, ``pred == k`` against
+``truth == k``. `foreground_classes` gives the names of the scored classes from
+``config.data.labels``. The background is never scored: its Dice would mostly measure the
+image's size.
 
 `MetricAccumulator` collects, per image, the counts and (with `surface=True`) the surface
-distances, then aggregates them (`summary`):
+distances of every class, then aggregates them (`summary`):
 
 - "mean over images" (`dice`, `iou`, `accuracy`, `sensitivity`, `specificity`, `hd95`, `assd`):
   the metric of each image, then the mean (and the median, `*_median`). This is what the ISIC
-  challenge and most papers report; every image weighs the same, small lesions included.
+  challenge and most papers report; every image weighs the same, small lesions included. With
+  several classes, an image's metric is the mean of its classes' (accuracy included: the mean of
+  the classes' one-vs-rest accuracies), and ``per_class`` gives each class's own aggregates.
 - "pooled over the data set" (`dice_pooled`, `iou_pooled`): the counts of all images are summed
-  first, then the metric is taken once. Large lesions dominate it.
+  first, then the metric is taken once (per class, then the mean over classes). Large lesions
+  dominate it.
 - `thresholded_jaccard` (ISIC 2018: an image's IoU below 0.65 counts as 0) and the `worst`
   images by Dice.
 
 Every "probability -> mask" decision goes through `binarize`, so one rule (strictly above the
-threshold) holds for validation, evaluation and the tests.
+threshold) holds for validation, evaluation and the tests; several classes are arg-maxed.
 
-Conventions for empty cases, chosen so that no metric is ever NaN:
+Conventions for empty cases, chosen so that no metric is ever NaN, and the same for every class
+(a class absent from an image is that class's empty case):
 
 - dice = iou = 1 when prediction and ground truth are both empty (nothing to find, nothing found);
-  when only one of them is empty they are 0, as the formulas give.
+  when only one of them is empty they are 0, as the formulas give. So an image that rightly
+  leaves out a class scores 1 for it, and a class that few images hold has a high mean Dice
+  almost by default: read its ``dice_pooled`` (no empty case there once one image holds it) or
+  its ``images_present`` beside it. MONAI's alternative (NaN, then skipped) was not taken: it
+  would make the mean of a class that is absent everywhere undefined, and break binary scores,
+  where "both empty is 1" is the ISIC convention the README states.
 - sensitivity = tp / (tp + fn) is 1 when the ground truth has no foreground (nothing to miss).
 - specificity = tn / (tn + fp) is 1 when the ground truth has no background.
 - pixel accuracy of an image without pixels is 1 (it cannot occur for a real image).
@@ -35,6 +50,7 @@ Surface distances are in pixels. The boundary of a mask is its foreground pixels
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,8 +61,11 @@ from torch import Tensor
 METRIC_NAMES = ("dice", "iou", "accuracy", "sensitivity", "specificity")
 SURFACE_NAMES = ("hd95", "assd")  # pixels
 COUNT_NAMES = ("tp", "fp", "fn", "tn")
-# The columns of `MetricAccumulator.rows()` and of per_image.csv.
+# The columns of `MetricAccumulator.rows()` and of per_image.csv for one class; with several,
+# `MetricAccumulator.columns()` adds `PER_CLASS_NAMES` per class after them.
 PER_IMAGE_COLUMNS = ("id", *METRIC_NAMES, *SURFACE_NAMES, *COUNT_NAMES)
+PER_CLASS_NAMES = ("dice", "iou", "sensitivity", "specificity", *SURFACE_NAMES)
+BINARY_CLASSES = ("foreground",)  # the one class of binary masks whose data names no classes
 POOLED_NAMES = ("dice", "iou")
 THRESHOLDED_JACCARD_CUTOFF = 0.65  # ISIC 2018
 
@@ -64,29 +83,62 @@ def binarize(values, threshold: float = 0.5):
 # Confusion counts and the metrics derived from them
 
 
-def _as_bool_masks(mask: Tensor, name: str) -> Tensor:
-    """(N,1,H,W) or (N,H,W) bool or {0,1} tensor -> (N, H, W) bool."""
+def foreground_classes(labels: Sequence[str] = ()) -> tuple[str, ...]:
+    """Names of the scored classes, by label value 1, 2, ...: ``labels[1:]`` (``labels`` being
+    ``config.data.labels``, background first), or `BINARY_CLASSES` when ``labels`` is empty."""
+    return tuple(labels[1:]) if labels else BINARY_CLASSES
+
+
+def _as_label_maps(mask: Tensor, name: str, classes: int) -> Tensor:
+    """(N,1,H,W) or (N,H,W) masks holding class values 0..classes -> (N, H, W), checked.
+
+    Bool masks pass as they are (one class); other dtypes must hold whole class values.
+    """
     if mask.dim() == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
     if mask.dim() != 3:
         raise ValueError(
             f"{name} must have shape (N, 1, H, W) or (N, H, W), got {tuple(mask.shape)}"
         )
-    if mask.dtype != torch.bool:
-        # Probabilities would silently count every non-zero pixel as foreground.
-        if not ((mask == 0) | (mask == 1)).all():
+    if mask.dtype == torch.bool:
+        return mask
+    # Probabilities would silently count every non-zero pixel as foreground.
+    valid = (mask >= 0) & (mask <= classes)
+    if mask.is_floating_point():
+        valid &= mask == mask.round()
+    if not valid.all():
+        if classes == 1:
             raise ValueError(
                 f"{name} must hold only 0 and 1; threshold probabilities first with binarize()"
             )
-        mask = mask.bool()
+        raise ValueError(
+            f"{name} must hold the class values 0..{classes}; take the arg-max of class scores"
+        )
     return mask
+
+
+def class_counts(pred: Tensor, target: Tensor, *, classes: int = 1) -> Tensor:
+    """Per-image, per-class counts: (N,1,H,W) or (N,H,W) label maps with values 0..classes
+    (bool or 0/1 masks for one class) -> (N, classes, 4) int64, last axis tp, fp, fn, tn.
+
+    Class k is counted one-vs-rest: ``pred == k`` against ``target == k``, for k = 1..classes.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    pred = _as_label_maps(pred, "pred", classes)
+    target = _as_label_maps(target, "target", classes)
+    return _class_counts_of(pred, target, classes)
 
 
 def confusion_counts(pred: Tensor, target: Tensor) -> Tensor:
     """Per-image counts: (N,1,H,W) or (N,H,W) masks -> (N, 4) int64 columns tp, fp, fn, tn."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return _counts_of(_as_bool_masks(pred, "pred"), _as_bool_masks(target, "target"))
+    return class_counts(pred, target, classes=1)[:, 0]
+
+
+def _class_counts_of(pred: Tensor, target: Tensor, classes: int) -> Tensor:
+    """(N, H, W) checked label maps -> (N, classes, 4) int64 counts of classes 1..classes."""
+    per_class = [_counts_of(pred == k, target == k) for k in range(1, classes + 1)]
+    return torch.stack(per_class, dim=1)
 
 
 def _counts_of(pred: Tensor, target: Tensor) -> Tensor:
@@ -100,9 +152,9 @@ def _counts_of(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _unpack(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(N, 4) or (4,) counts -> tp, fp, fn, tn as float64 tensors of shape (N,) or ()."""
-    if counts.shape[-1] != 4 or counts.dim() > 2:
-        raise ValueError(f"counts must have shape (N, 4) or (4,), got {tuple(counts.shape)}")
+    """(..., 4) counts, e.g. (N, C, 4), (N, 4) or (4,) -> tp, fp, fn, tn as float64 (...)."""
+    if counts.dim() == 0 or counts.shape[-1] != 4:
+        raise ValueError(f"counts must have shape (..., 4), got {tuple(counts.shape)}")
     return counts.to(torch.float64).unbind(-1)
 
 
@@ -113,31 +165,31 @@ def _ratio(numerator: Tensor, denominator: Tensor, *, empty: float) -> Tensor:
 
 
 def dice(counts: Tensor) -> Tensor:
-    """Dice 2tp / (2tp + fp + fn) from (N,4) or (4,) counts -> float64 (N,) or ()."""
+    """Dice 2tp / (2tp + fp + fn) from (..., 4) counts -> float64 (...)."""
     tp, fp, fn, _ = _unpack(counts)
     return _ratio(2 * tp, 2 * tp + fp + fn, empty=1.0)
 
 
 def iou(counts: Tensor) -> Tensor:
-    """IoU (Jaccard) tp / (tp + fp + fn) from (N,4) or (4,) counts -> float64 (N,) or ()."""
+    """IoU (Jaccard) tp / (tp + fp + fn) from (..., 4) counts -> float64 (...)."""
     tp, fp, fn, _ = _unpack(counts)
     return _ratio(tp, tp + fp + fn, empty=1.0)
 
 
 def pixel_accuracy(counts: Tensor) -> Tensor:
-    """(tp + tn) / all pixels from (N,4) or (4,) counts -> float64 (N,) or ()."""
+    """(tp + tn) / all pixels from (..., 4) counts -> float64 (...)."""
     tp, fp, fn, tn = _unpack(counts)
     return _ratio(tp + tn, tp + fp + fn + tn, empty=1.0)
 
 
 def sensitivity(counts: Tensor) -> Tensor:
-    """Sensitivity (recall) tp / (tp + fn) from (N,4) or (4,) counts -> float64 (N,) or ()."""
+    """Sensitivity (recall) tp / (tp + fn) from (..., 4) counts -> float64 (...)."""
     tp, _, fn, _ = _unpack(counts)
     return _ratio(tp, tp + fn, empty=1.0)
 
 
 def specificity(counts: Tensor) -> Tensor:
-    """Specificity tn / (tn + fp) from (N,4) or (4,) counts -> float64 (N,) or ()."""
+    """Specificity tn / (tn + fp) from (..., 4) counts -> float64 (...)."""
     _, fp, _, tn = _unpack(counts)
     return _ratio(tn, tn + fp, empty=1.0)
 
@@ -223,44 +275,64 @@ def average_surface_distance(pred, target) -> float:
 class MetricAccumulator:
     """Per-image results collected over batches, aggregated on demand (MONAI's pattern).
 
-    Each image keeps an id, its confusion counts (tp, fp, fn, tn) and, when `surface` is True,
-    its HD95 and ASSD in pixels. Every other number (`per_image`, `rows`, `summary`) is derived
+    ``classes`` names the scored foreground classes, by label value 1, 2, ... (see
+    `foreground_classes`); the default is the one class of binary masks. Each image keeps an id,
+    its confusion counts (tp, fp, fn, tn) per class and, when `surface` is True, its HD95 and
+    ASSD in pixels per class. Every other number (`per_image`, `rows`, `summary`) is derived
     from those, so validation and folder evaluation aggregate the same way. Only the counts
     travel between processes (`counts`, `from_counts`).
     """
 
-    def __init__(self, *, surface: bool = False) -> None:
+    def __init__(self, *, classes: Sequence[str] = BINARY_CLASSES, surface: bool = False) -> None:
+        if isinstance(classes, str) or not classes or len(set(classes)) != len(classes):
+            raise ValueError(f"classes must name one class or more, each once; got {classes!r}")
+        self.classes = tuple(classes)
         self.surface = surface
-        self._counts: list[Tensor] = []
-        self._distances: list[tuple[float, float]] = []  # (hd95, assd) per image
+        self._counts: list[Tensor] = []  # (N, C, 4) per update
+        self._distances: list[np.ndarray] = []  # (C, 2) per image: hd95, assd of each class
         self._ids: list[str | None] = []  # None: named by position when read
 
+    @property
+    def multi_class(self) -> bool:
+        """Whether more than one foreground class is scored (label maps, not binary masks)."""
+        return len(self.classes) > 1
+
     def update(self, pred, target, *, ids: list[str] | None = None) -> None:
-        """Add N images of one size: (N,1,H,W) or (N,H,W) bool or {0,1} tensors or arrays.
+        """Add N images of one size: (N,1,H,W) or (N,H,W) tensors or arrays, bool or 0/1 masks
+        for one class, label maps holding the values 0..C for C classes.
 
         `ids` names the images (default: their position in the accumulator).
         """
-        pred = _as_bool_masks(torch.as_tensor(pred), "pred")
-        target = _as_bool_masks(torch.as_tensor(target), "target")
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        classes = len(self.classes)
+        pred = _as_label_maps(pred, "pred", classes)
+        target = _as_label_maps(target, "target", classes)
         if ids is not None and len(ids) != pred.shape[0]:
             raise ValueError(f"{len(ids)} ids for {pred.shape[0]} images")
-        self._counts.append(_counts_of(pred, target).cpu())
+        self._counts.append(_class_counts_of(pred, target, classes).cpu())
         if self.surface:
-            pairs = zip(pred.cpu().numpy(), target.cpu().numpy(), strict=True)
-            self._distances += [surface_distances(p, t) for p, t in pairs]
+            for p, t in zip(pred.cpu().numpy(), target.cpu().numpy(), strict=True):
+                distances = [surface_distances(p == k, t == k) for k in range(1, classes + 1)]
+                self._distances.append(np.array(distances, dtype=np.float64))
         self._ids += list(ids) if ids is not None else [None] * pred.shape[0]
 
     def add(self, image_id: str, pred, target) -> None:
-        """Add one image: (H, W) bool masks, each image at its own size."""
+        """Add one image: (H, W) masks or label maps, each image at its own size."""
         self.update(pred[None], target[None], ids=[image_id])
 
     @property
     def counts(self) -> Tensor:
-        """All counts so far, (M, 4) int64 on the CPU, columns tp, fp, fn, tn."""
+        """All counts so far, int64 on the CPU, last axis tp, fp, fn, tn: (M, 4) for one class,
+        (M, C, 4) for C classes, in the order of `classes`."""
+        counts = self._class_counts()
+        return counts[:, 0] if len(self.classes) == 1 else counts
+
+    def _class_counts(self) -> Tensor:
+        """All counts so far as (M, C, 4), whatever the number of classes."""
         if not self._counts:
-            return torch.zeros((0, 4), dtype=torch.int64)
+            return torch.zeros((0, len(self.classes), 4), dtype=torch.int64)
         # Concatenate once and keep the result, so repeated reads stay cheap.
         self._counts = [torch.cat(self._counts)]
         return self._counts[0]
@@ -271,13 +343,35 @@ class MetricAccumulator:
         return [str(index) if name is None else name for index, name in enumerate(self._ids)]
 
     @classmethod
-    def from_counts(cls, counts: Tensor, *, ids: list[str] | None = None) -> MetricAccumulator:
-        """An accumulator holding (M, 4) counts, e.g. gathered from other processes."""
-        if counts.dim() != 2 or counts.shape[1] != 4:
-            raise ValueError(f"counts must have shape (M, 4), got {tuple(counts.shape)}")
+    def from_counts(
+        cls,
+        counts: Tensor,
+        *,
+        classes: Sequence[str] | None = None,
+        ids: list[str] | None = None,
+    ) -> MetricAccumulator:
+        """An accumulator holding (M, 4) or (M, C, 4) counts, e.g. gathered from processes.
+
+        ``classes`` names the C classes (`foreground_classes`); it may be left out for one class.
+        """
+        if counts.dim() == 2:
+            counts = counts[:, None]
+        if counts.dim() != 3 or counts.shape[-1] != 4:
+            raise ValueError(
+                f"counts must have shape (M, 4) or (M, C, 4), got {tuple(counts.shape)}"
+            )
+        if classes is None:
+            if counts.shape[1] != 1:
+                raise ValueError(
+                    f"counts of {counts.shape[1]} classes need their names; pass "
+                    f"classes=foreground_classes(config.data.labels)"
+                )
+            classes = BINARY_CLASSES
+        if len(classes) != counts.shape[1]:
+            raise ValueError(f"{len(classes)} class names for counts of {counts.shape[1]} classes")
         if ids is not None and len(ids) != counts.shape[0]:
             raise ValueError(f"{len(ids)} ids for {counts.shape[0]} images")
-        accumulator = cls()
+        accumulator = cls(classes=classes)
         accumulator._counts.append(counts.to(device="cpu", dtype=torch.int64))
         accumulator._ids = list(ids) if ids is not None else [None] * counts.shape[0]
         return accumulator
@@ -286,7 +380,9 @@ class MetricAccumulator:
         """Append the images of `other` to this accumulator; returns self."""
         if other.surface != self.surface:
             raise ValueError("cannot merge an accumulator with surface distances and one without")
-        self._counts.append(other.counts)
+        if other.classes != self.classes:
+            raise ValueError(f"cannot merge classes {other.classes} into {self.classes}")
+        self._counts.append(other._class_counts())
         self._distances += other._distances
         self._ids += other._ids
         return self
@@ -294,20 +390,49 @@ class MetricAccumulator:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def per_image(self) -> dict[str, np.ndarray]:
-        """Per-image columns of shape (M,): `METRIC_NAMES` and, with `surface`, `SURFACE_NAMES`
-        as float64; `COUNT_NAMES` as int64."""
-        counts = self.counts
+    def _by_class(self) -> dict[str, np.ndarray]:
+        """(M, C) float64 per name of `METRIC_NAMES` and, with `surface`, `SURFACE_NAMES`."""
+        counts = self._class_counts()
         columns = {name: metric(counts).numpy() for name, metric in _METRICS.items()}
         if self.surface:
-            distances = np.array(self._distances, dtype=np.float64).reshape(-1, 2)
-            columns.update(zip(SURFACE_NAMES, distances.T, strict=True))
-        columns.update(zip(COUNT_NAMES, counts.numpy().T, strict=True))
+            distances = np.array(self._distances, dtype=np.float64)
+            distances = distances.reshape(-1, len(self.classes), 2)
+            columns.update(zip(SURFACE_NAMES, np.moveaxis(distances, -1, 0), strict=True))
+        return columns
+
+    def columns(self) -> tuple[str, ...]:
+        """The keys of every row of `rows`, in order: the columns of per_image.csv.
+
+        `PER_IMAGE_COLUMNS` (surface ones only with `surface`); with several classes, then
+        ``<name>_<class>`` for each name of `PER_CLASS_NAMES` and each class.
+        """
+        surface = SURFACE_NAMES if self.surface else ()
+        names = ("id", *METRIC_NAMES, *surface, *COUNT_NAMES)
+        if self.multi_class:
+            scored = [name for name in PER_CLASS_NAMES if name in METRIC_NAMES or name in surface]
+            names += tuple(f"{name}_{label}" for name in scored for label in self.classes)
+        return names
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per-image columns of shape (M,), named as `columns` (without "id").
+
+        `METRIC_NAMES` and, with `surface`, `SURFACE_NAMES` are float64, each image's mean over
+        its classes; `COUNT_NAMES` are int64, summed over the classes; with several classes,
+        ``<name>_<class>`` is that class's own value.
+        """
+        by_class = self._by_class()
+        columns = {name: values.mean(axis=1) for name, values in by_class.items()}
+        columns.update(zip(COUNT_NAMES, self._class_counts().sum(1).numpy().T, strict=True))
+        if self.multi_class:
+            for name in PER_CLASS_NAMES:
+                if name in by_class:
+                    for index, label in enumerate(self.classes):
+                        columns[f"{name}_{label}"] = by_class[name][:, index]
         return columns
 
     def rows(self) -> list[dict[str, str | float | int]]:
-        """One dict per image with the keys of `PER_IMAGE_COLUMNS` (surface ones only with
-        `surface`), as Python numbers: the rows of per_image.csv."""
+        """One dict per image with the keys of `columns`, as Python numbers: the rows of
+        per_image.csv."""
         columns = self.per_image()
         return [
             {"id": image_id, **{name: values[index].item() for name, values in columns.items()}}
@@ -320,20 +445,43 @@ class MetricAccumulator:
         Keys: `images`; `name` (mean) and `name_median` for `METRIC_NAMES` and, with `surface`,
         `SURFACE_NAMES`; `dice_pooled`, `iou_pooled`; `thresholded_jaccard`; `worst`, the
         `worst` lowest-Dice images as [{"id", "dice"}], lowest first (ties in order added).
+        With several classes each image's metric is its mean over classes, and two keys follow:
+        `mean_foreground_dice`, the mean over classes of their mean Dice (equal to `dice`, as no
+        class is ever skipped), and `per_class`, {class: {"images_present" (images whose ground
+        truth holds it), the means and medians above, "dice_pooled", "iou_pooled"}}.
         """
         if len(self) == 0:
             raise ValueError("no images were added; call update() before summary()")
+        by_class = self._by_class()
         columns = self.per_image()
-        averaged = METRIC_NAMES + (SURFACE_NAMES if self.surface else ())
+        totals = self._class_counts().sum(0)  # (C, 4)
         summary: dict[str, Any] = {"images": len(self)}
-        for name in averaged:
-            summary[name] = float(columns[name].mean())
-            summary[f"{name}_median"] = float(np.median(columns[name]))
-        totals = self.counts.sum(0)
+        summary.update(_aggregate({name: columns[name] for name in by_class}))
         for name in POOLED_NAMES:
-            summary[f"{name}_pooled"] = float(_METRICS[name](totals))
+            summary[f"{name}_pooled"] = float(_METRICS[name](totals).mean())
         summary["thresholded_jaccard"] = thresholded_jaccard(columns["iou"])
         ids = self.ids
         order = np.argsort(columns["dice"], kind="stable")[:worst]
         summary["worst"] = [{"id": ids[i], "dice": float(columns["dice"][i])} for i in order]
+        if self.multi_class:
+            present = (self._class_counts()[..., [0, 2]].sum(-1) > 0).sum(0)  # tp + fn > 0
+            per_class = {}
+            for index, label in enumerate(self.classes):
+                scores = {"images_present": int(present[index])}
+                scores.update(_aggregate({k: v[:, index] for k, v in by_class.items()}))
+                for name in POOLED_NAMES:
+                    scores[f"{name}_pooled"] = float(_METRICS[name](totals[index]))
+                per_class[label] = scores
+            dices = [scores["dice"] for scores in per_class.values()]
+            summary["mean_foreground_dice"] = float(np.mean(dices))
+            summary["per_class"] = per_class
         return summary
+
+
+def _aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """`name` (the mean) and `name_median` of each (M,) column, in the order given."""
+    aggregates = {}
+    for name, values in columns.items():
+        aggregates[name] = float(values.mean())
+        aggregates[f"{name}_median"] = float(np.median(values))
+    return aggregates
