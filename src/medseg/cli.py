@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from medseg.config import choices
 from medseg.engine.run_folder import RunFolder
 from medseg.errors import (
     EXIT_BAD_INPUT,
@@ -158,8 +159,8 @@ TRAIN_FLAGS = {
     "--batch-size": ("train.batch_size", positive_int, "images per step"),
     "--lr": ("train.lr", finite_float, "peak learning rate"),
     "--weight-decay": ("train.weight_decay", finite_float, "weight decay"),
-    "--loss": ("train.loss", str, "dice_bce, dice, iou, focal, dice_focal"),
-    "--precision": ("train.precision", str, "auto, bf16, fp16, fp32"),
+    "--loss": ("train.loss", str, "loss"),
+    "--precision": ("train.precision", str, "numeric precision"),
     "--freeze-backbone-epochs": (
         "train.freeze_backbone_epochs",
         non_negative_int,
@@ -173,10 +174,10 @@ TRAIN_FLAGS = {
     "--seed": ("train.seed", non_negative_int, "random seed"),
     "--device": ("train.device", str, "auto, cpu, cuda, cuda:N"),
     "--image-size": ("data.image_size", positive_int, "side of the square network input"),
-    "--augment": ("data.augment", str, "default, seed, none"),
+    "--augment": ("data.augment", str, "training augmentation"),
     "--num-workers": ("data.num_workers", non_negative_int, "DataLoader worker processes"),
-    "--backbone": ("model.backbone", str, "resnet18, resnet34, resnet50, resnet101"),
-    "--variant": ("model.variant", str, "seed (layers 1-3) or paper (Chen et al. 2018)"),
+    "--backbone": ("model.backbone", str, "ResNet backbone"),
+    "--variant": ("model.variant", str, "seed: layers 1-3; paper: Chen et al. 2018"),
     "--output-stride": ("model.output_stride", positive_int, "16, or 8 for the paper variant"),
 }
 
@@ -195,8 +196,11 @@ def _add_train(commands) -> None:
         "--preset", default="default", help="default (tuned recipe) or seed (the specification's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    for flag, (_, kind, help_text) in TRAIN_FLAGS.items():
-        parser.add_argument(flag, type=kind, help=help_text)
+    allowed = choices()  # listed by the registries that own them
+    for flag, (key, kind, help_text) in TRAIN_FLAGS.items():
+        values = allowed.get(tuple(key.split(".")))
+        listed = f": {', '.join(map(str, values))}" if values else ""
+        parser.add_argument(flag, type=kind, help=f"{help_text}{listed} ({key})")
     parser.add_argument(
         "--pretrained", metavar="PATH", help="local ImageNet ResNet state dict (.pth)"
     )

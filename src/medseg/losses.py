@@ -148,11 +148,10 @@ def _check_focal(alpha: float | None, gamma: float) -> None:
 # Modules
 
 
-class DiceBCELoss(nn.Module):
-    """Mean BCE + soft Dice loss, pooled over the batch or (`per_image`) averaged over images.
+class _OverlapLoss(nn.Module):
+    """A loss with a soft Dice term: `function(logits, target, smooth=..., per_image=...)`."""
 
-    (N,1,H,W) logits, target -> scalar.
-    """
+    function = staticmethod(dice_loss)
 
     def __init__(self, *, smooth: float = 1.0, per_image: bool = False) -> None:
         super().__init__()
@@ -161,26 +160,23 @@ class DiceBCELoss(nn.Module):
         self.per_image = per_image
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return dice_bce_loss(logits, target, smooth=self.smooth, per_image=self.per_image)
+        return self.function(logits, target, smooth=self.smooth, per_image=self.per_image)
 
     def extra_repr(self) -> str:
         return f"smooth={self.smooth}, per_image={self.per_image}"
 
 
-class DiceLoss(nn.Module):
+class DiceBCELoss(_OverlapLoss):
+    """Cross-entropy (BCE for one class) + soft Dice, pooled over the batch or (`per_image`)
+    averaged over images. (N,C,H,W) logits, (N,1,H,W) target -> scalar."""
+
+    function = staticmethod(dice_bce_loss)
+
+
+class DiceLoss(_OverlapLoss):
     """1 - soft Dice, pooled over the batch or (`per_image`) averaged over images -> scalar."""
 
-    def __init__(self, *, smooth: float = 1.0, per_image: bool = False) -> None:
-        super().__init__()
-        _check_smooth(smooth)
-        self.smooth = smooth
-        self.per_image = per_image
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return dice_loss(logits, target, smooth=self.smooth, per_image=self.per_image)
-
-    def extra_repr(self) -> str:
-        return f"smooth={self.smooth}, per_image={self.per_image}"
+    function = staticmethod(dice_loss)
 
 
 class IoULoss(nn.Module):
