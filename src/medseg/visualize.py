@@ -1,5 +1,9 @@
 """Pictures of results: mask overlays, prediction panels and training curves.
 
+A mask is either binary (bool, 0/1, 0/255 or probabilities), drawn in one colour, or a uint8
+label map of class indices, each class in its own colour (`class_colour`, the one palette of
+every picture medseg draws) with the background left as it is.
+
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never pyplot: no global
 state, so it is safe from threads and needs no display.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.patheffects import withStroke
 
 from medseg.errors import MedsegError
 from medseg.files import atomic_path
@@ -24,11 +31,45 @@ from medseg.files import atomic_path
 # Green and magenta stay distinct for the common forms of colour blindness.
 PREDICTION_COLOR = (0, 255, 0)
 GROUND_TRUTH_COLOR = (255, 0, 255)
+# Label maps: the truth is outlined in white (with a dark edge in legends), a colour no class has.
+LABEL_TRUTH_COLOR = (255, 255, 255)
+
+# Class colours (RGB), class k >= 1 in PALETTE[(k - 1) % 10]: bright and saturated, so each
+# stays visible blended onto gray radiographs as onto skin, and neighbours differ in hue.
+# Class 1 is green, as a binary prediction.
+PALETTE = (
+    (0, 255, 0),  # green
+    (255, 0, 255),  # magenta
+    (0, 160, 255),  # azure
+    (255, 220, 0),  # yellow
+    (255, 100, 0),  # orange
+    (0, 255, 255),  # cyan
+    (160, 90, 255),  # violet
+    (255, 0, 90),  # crimson
+    (255, 160, 200),  # pink
+    (0, 140, 110),  # teal
+)
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The RGB colour of class ``index`` in every picture: `PALETTE` [index - 1], repeating
+    past its end; 0, the background, is black (and left transparent in overlays)."""
+    if index < 0:
+        raise ValueError(f"class index {index} is negative; label values are 0 (background) up")
+    return (0, 0, 0) if index == 0 else PALETTE[(index - 1) % len(PALETTE)]
+
+
+def colour_label_map(label_map: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W) label map as a uint8 (H, W, 3) picture: each class its colour, background
+    black."""
+    table = np.array([class_colour(index) for index in range(256)], dtype=np.uint8)
+    return table[np.asarray(label_map, dtype=np.uint8)]
 
 
 def overlay(
     image: np.ndarray,
     mask: np.ndarray,
+    labels: list[str] | tuple[str, ...] | None = None,
     *,
     color: tuple[int, int, int] = (0, 255, 0),
     alpha: float = 0.4,
@@ -36,13 +77,24 @@ def overlay(
     contour: bool = True,
     thickness: int | None = None,
 ) -> np.ndarray:
-    """Blend `mask` onto `image` and outline it; returns a new uint8 H x W x 3 image.
+    """Blend `mask` onto `image` and outline it; returns a new uint8 image.
 
-    `image` is uint8 H x W x 3 (or H x W grey); colours are in the image's channel order (RGB
-    for medseg). `mask` is H x W: bool, 0/1, 0/255, or probabilities (foreground >= 0.5).
+    `image` is uint8 H x W x 3 (or H x W or H x W x 1 gray); colours are in the image's channel
+    order (RGB for medseg). `mask` is H x W: a binary mask (bool, 0/1, 0/255, or probabilities,
+    foreground >= 0.5), filled in `color` and outlined in `contour_color`; or a uint8 label map,
+    each class filled and outlined in `class_colour` (`color` and `contour_color` unused). An
+    integer mask is a label map when `labels` names more than two classes or it holds values
+    other than 0, 1 and 255. With `labels` (class names by value), a label map gets a legend in
+    a strip below the image, so the result is taller (and wider, if the names need it).
     `thickness` of the outline in pixels defaults to about 1 per 256 pixels of image size.
     """
     rgb = _as_rgb(image)
+    if _is_label_map(mask, labels):
+        label_map = _as_label_map(mask, rgb.shape[:2])
+        result = _overlay_label_map(
+            rgb, label_map, alpha=alpha, contour=contour, thickness=thickness
+        )
+        return _with_legend(result, labels) if labels else result
     foreground = _as_bool_mask(mask, rgb.shape[:2])
     blended = rgb.astype(np.float32)
     blended[foreground] = (1.0 - alpha) * blended[foreground] + alpha * np.float32(color)
@@ -50,6 +102,59 @@ def overlay(
     if contour:
         draw_contour(result, foreground, contour_color, thickness=thickness)
     return result
+
+
+def _overlay_label_map(
+    rgb: np.ndarray, label_map: np.ndarray, *, alpha: float, contour: bool, thickness: int | None
+) -> np.ndarray:
+    foreground = label_map > 0
+    blended = rgb.astype(np.float32)
+    colours = colour_label_map(label_map).astype(np.float32)
+    blended[foreground] = (1.0 - alpha) * blended[foreground] + alpha * colours[foreground]
+    result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if contour:
+        for value in np.unique(label_map[foreground]):
+            draw_contour(result, label_map == value, class_colour(int(value)), thickness=thickness)
+    return result
+
+
+def _with_legend(picture: np.ndarray, labels: list[str] | tuple[str, ...]) -> np.ndarray:
+    """`picture` above a black strip naming each foreground class beside a square of its colour.
+
+    Entries flow left to right and wrap at the picture's width; the text grows with the picture.
+    """
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.4, picture.shape[1] / 1000)
+    weight = max(1, round(scale))
+    (_, text_height), baseline = cv2.getTextSize("Ag", font, scale, weight)
+    pad, line = max(4, text_height // 2), text_height + baseline + max(4, text_height // 2)
+    entries, x, y, right = [], pad, pad, 0
+    for value, name in enumerate(labels):
+        if value == 0:
+            continue  # the background has no colour
+        text = _ascii(name)
+        width = text_height + pad + cv2.getTextSize(text, font, scale, weight)[0][0]
+        if x > pad and x + width > picture.shape[1] - pad:
+            x, y = pad, y + line
+        entries.append((x, y, value, text))
+        right = max(right, x + width + pad)
+        x += width + 2 * pad
+    height, width = picture.shape[0] + y + line + pad, max(picture.shape[1], right)
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    canvas[: picture.shape[0], : picture.shape[1]] = picture
+    for x, y, value, text in entries:
+        top = picture.shape[0] + y
+        colour = tuple(int(c) for c in class_colour(value))
+        cv2.rectangle(canvas, (x, top), (x + text_height, top + text_height), colour, cv2.FILLED)
+        origin = (x + text_height + pad, top + text_height)
+        cv2.putText(canvas, text, origin, font, scale, (255, 255, 255), weight, cv2.LINE_AA)
+    return canvas
+
+
+def _ascii(name: str) -> str:
+    """`name` in the letters OpenCV's fonts can draw: accents dropped, other characters '?'."""
+    plain = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    return plain if plain.strip() else "?" * max(1, len(str(name)))
 
 
 def draw_contour(
@@ -75,14 +180,20 @@ def save_prediction_figure(
     prediction: np.ndarray,
     *,
     title: str | None = None,
+    labels: list[str] | tuple[str, ...] | None = None,
 ) -> Path:
     """Save a panel figure: image, ground truth, prediction, and prediction overlaid on the image.
 
-    The overlay fills the prediction in green with a green outline and, when `ground_truth` is
-    given, outlines the ground truth in magenta. Without ground truth there are three panels.
-    The format follows the suffix of `path` (png, pdf, svg, ...).
+    Binary masks: the overlay fills the prediction in green with a green outline and, when
+    `ground_truth` is given, outlines the ground truth in magenta. Label maps (as `overlay`
+    tells them; `labels` names the classes): truth and prediction in class colours, the overlay
+    fills the prediction in class colours and outlines each class of the truth in white; the
+    legend names the classes. Without ground truth there are three panels. `image` may be gray
+    (H, W) or (H, W, 1). The format follows the suffix of `path` (png, pdf, svg, ...).
     """
     rgb = _as_rgb(image)
+    if _is_label_map(prediction, labels):
+        return _save_label_map_figure(path, rgb, ground_truth, prediction, title, labels)
     predicted = _as_bool_mask(prediction, rgb.shape[:2], name="prediction")
     truth = None
     if ground_truth is not None:
@@ -112,6 +223,50 @@ def save_prediction_figure(
         loc="upper center",
         bbox_to_anchor=(0.5, 0.0),
         ncol=2,
+        fontsize="small",
+        frameon=False,
+    )
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _save_label_map_figure(path, rgb, ground_truth, prediction, title, labels) -> Path:
+    predicted = _as_label_map(prediction, rgb.shape[:2], name="prediction")
+    truth = None
+    if ground_truth is not None:
+        truth = _as_label_map(ground_truth, rgb.shape[:2], name="ground_truth")
+    combined = _overlay_label_map(rgb, predicted, alpha=0.4, contour=True, thickness=None)
+    panels = [("Image", rgb)]
+    if truth is not None:
+        panels.append(("Ground truth", colour_label_map(truth)))
+        for value in np.unique(truth[truth > 0]):
+            draw_contour(combined, truth == value, LABEL_TRUTH_COLOR)
+    panels += [("Prediction", colour_label_map(predicted)), ("Overlay", combined)]
+
+    figure = Figure(figsize=(3.2 * len(panels), 3.8), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+    for ax, (name, picture) in zip(axes, panels, strict=True):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
+    largest = max(int(predicted.max()), int(truth.max()) if truth is not None else 0)
+    count = max(len(labels or ()), largest + 1)
+    names = [
+        labels[value] if labels and value < len(labels) else f"class {value}"
+        for value in range(count)
+    ]
+    handles = [
+        Patch(color=np.divide(class_colour(value), 255), label=names[value])
+        for value in range(1, count)
+    ]
+    if truth is not None:
+        edge = [withStroke(linewidth=3, foreground="black")]
+        handles.append(Line2D([], [], color="white", path_effects=edge, label="truth"))
+    figure.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), 6),
         fontsize="small",
         frameon=False,
     )
@@ -195,13 +350,38 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]  # gray, as read_image(channels=1) returns it
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
-            f"expected a uint8 image of shape H x W x 3, got {image.dtype} {image.shape}"
+            f"expected a uint8 image of shape H x W x 3 (or gray H x W), got {image.dtype} "
+            f"{image.shape}"
         )
     return image
+
+
+def _is_label_map(mask: np.ndarray, labels: list[str] | tuple[str, ...] | None) -> bool:
+    """An integer mask of class indices, rather than a binary mask (see `overlay`)."""
+    mask = np.asarray(mask)
+    if not np.issubdtype(mask.dtype, np.integer):
+        return False  # bool or probabilities
+    if labels is not None and len(labels) > 2:
+        return True
+    return bool(np.isin(mask, (0, 1, 255), invert=True).any())
+
+
+def _as_label_map(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {mask.shape} but the image is {tuple(shape)}; "
+            "resize it to the image first"
+        )
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise ValueError(f"{name} holds values outside 0..255, so it is no 8-bit label map")
+    return mask.astype(np.uint8)
 
 
 def _as_bool_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
