@@ -1,6 +1,7 @@
 """The predictor: what it feeds the network, TTA views, thresholds and post-processing."""
 
 import argparse
+import hashlib
 import json
 
 import numpy as np
@@ -154,8 +155,9 @@ def test_predictor_postprocess_keeps_the_largest_region_filled(tiny_checkpoint, 
 def test_a_predictor_built_directly_uses_the_default_tta(tiny_checkpoint):
     model, config = model_from_checkpoint(load_checkpoint(tiny_checkpoint), path=tiny_checkpoint)
     predictor = Predictor(model, config, torch.device("cpu"), Precision("fp32", None))
-    assert predictor.tta == DEFAULT_TTA == "flip"
-    assert Predictor.from_checkpoint(tiny_checkpoint, device="cpu").tta == DEFAULT_TTA
+    # "auto" resolves to flips for a binary checkpoint, as every entry point did before it.
+    assert DEFAULT_TTA == "auto" and predictor.tta == "flip"
+    assert Predictor.from_checkpoint(tiny_checkpoint, device="cpu").tta == "flip"
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "visualize"])
@@ -224,3 +226,55 @@ def test_predict_logs_plain_lines_when_stderr_is_not_a_terminal(tiny_checkpoint,
     err = capsys.readouterr().err
     assert "\r" not in err
     assert err.strip().splitlines()[-1] == "predicting: 3/3 (100%)"
+
+
+# sha256 of the decoded pixels predict wrote for `pinned_image` with the tiny checkpoint, flip
+# TTA and threshold 0.503288, computed before multi-class prediction existed (commit 3a1e4c8).
+# An untrained network's probabilities lie in 0.5022..0.5040 here; that cut falls in a gap
+# between pixels, so the mask splits the image (29% foreground) with room for rounding.
+BINARY_PINS = {
+    False: {
+        "in_segmentation.png": "314e71ac9f644481d9c84bba12d6ba88d47cf329db2a31e52630df3c0af9418a",
+        "in_overlay.png": "9ac533f953bd7f8f4d58f00da3d254649d2a76e2b8757b7cf93f8269d57c6892",
+        "in_probability.png": "4bb0c6ee79cfa1a4f5337b50840539500f98b12c132c7b999a2c7027bebe67c9",
+    },
+    True: {
+        "in_segmentation.png": "77fea817d69e292c23b4b811c7ac4b1634ee398dcec70796edcd143fd4c2680d",
+        "in_overlay.png": "038f6e32eebd5d94ee2d47b90dc6d976bef9b8e6cb548daff1a8310af5e22d5c",
+        "in_probability.png": "4bb0c6ee79cfa1a4f5337b50840539500f98b12c132c7b999a2c7027bebe67c9",
+    },
+}
+
+
+def pinned_image() -> np.ndarray:
+    image = np.random.default_rng(12).integers(0, 256, (45, 71, 3), np.uint8)
+    image[10:30, 20:50] //= 3
+    return image
+
+
+@pytest.mark.parametrize("postprocess", [False, True])
+def test_binary_predictions_are_the_pixels_they_were_before_multi_class(
+    tiny_checkpoint, tmp_path, postprocess
+):
+    Image.fromarray(pinned_image()).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    predict(
+        tiny_checkpoint, tmp_path / "in.png", out, device="cpu", postprocess=postprocess,
+        probabilities=True, overlays=True, progress=False, threshold=0.503288,
+    )  # fmt: skip
+    hashes = {}
+    for name in BINARY_PINS[postprocess]:
+        with Image.open(out / name) as picture:
+            assert picture.mode == ("RGB" if "overlay" in name else "L")
+            hashes[name] = hashlib.sha256(np.asarray(picture).tobytes()).hexdigest()
+    assert hashes == BINARY_PINS[postprocess]
+    assert json.loads((out / RECORD_NAME).read_text())["tta"] == "flip"  # "auto", resolved
+
+
+def test_visualize_command_passes_its_threshold(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    argv = ["visualize", "--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_root)]
+    argv += ["--out", str(tmp_path / "figures"), "--device", "cpu", "--num-samples", "1"]
+    assert main([*argv, "--threshold", "2"]) == 2
+    assert "threshold 2.0 is not a probability" in capsys.readouterr().err
+    assert main([*argv, "--threshold", "0.3", "--tta", "none"]) == 0
+    assert len(list((tmp_path / "figures").iterdir())) == 1

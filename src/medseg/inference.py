@@ -2,8 +2,11 @@
 
 ``Predictor`` turns uint8 images of any size into probability maps of the same size: resize to
 the network's size, normalise, run (optionally averaging flipped and rotated views), and resize
-the probabilities back. ``predict`` writes one 0/255 PNG mask per image, atomically, skipping
-masks already written (so an interrupted folder resumes) and listing images it could not read.
+the probabilities back. A binary model gives one foreground probability per pixel, cut at a
+threshold; a K-class model gives K probabilities per pixel, and the mask is their arg-max (a
+label map of class indices). ``predict`` writes one PNG mask per image (0/255, or the class
+index), atomically, skipping masks already written (so an interrupted folder resumes) and
+listing images it could not read.
 A record of the checkpoint and settings in the output folder (``.medseg-predict.json``) makes
 sure that a resumed run only keeps masks made the same way; other earlier results are refused.
 """
@@ -24,22 +27,41 @@ from scipy import ndimage
 from medseg.config import Config
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
-from medseg.data.transforms import eval_transform, resize_image
+from medseg.data.plan import augmentation_for
+from medseg.data.transforms import FLIPPING_AUGMENTATIONS, eval_transform, resize_image
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
 from medseg.errors import MedsegError
 from medseg.files import atomic_path, check_writable, remove_partial_files, write_text
+from medseg.metrics import binarize
 from medseg.progress import progress_bar
 from medseg.visualize import overlay
 
-TTA_MODES = ("none", "flip", "d4")
-# Averaging the four flips raised mean Dice by 0.007 and the thresholded Jaccard by 0.019 on
-# ISIC 2017 test/ (benchmarks/accuracy.py, README Results) for 4× the inference time.
-DEFAULT_TTA = "flip"
+TTA_MODES = ("auto", "none", "flip", "d4")
+# "auto" is resolved per checkpoint (`resolve_tta`): flips where the network was trained on
+# flipped images. Averaging the four flips raised mean Dice by 0.007 and the thresholded Jaccard
+# by 0.019 on ISIC 2017 test/ (benchmarks/accuracy.py, README Results) for 4× the inference
+# time; a network that never saw a flipped chest would read a flipped one with its lungs swapped.
+DEFAULT_TTA = "auto"
+
+
+def resolve_tta(mode: str, config: Config) -> str:
+    """The TTA mode to run: ``mode`` itself, or for "auto" "flip" when the checkpoint's training
+    pipeline (``config.data.augment``) flips images, else "none"."""
+    if mode == "auto":
+        augment = config.data.augment
+        if augment == "auto":  # a config never planned (built by hand): what training plans
+            augment = augmentation_for(config.data.labels)
+        return "flip" if augment in FLIPPING_AUGMENTATIONS else "none"
+    tta_views(mode)  # validate
+    return mode
 
 
 def tta_views(mode: str) -> list[tuple[int, bool]]:
-    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries."""
+    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries.
+
+    ``mode`` is a resolved mode (see `resolve_tta`), not "auto".
+    """
     if mode == "none":
         return [(0, False)]
     if mode == "flip":
@@ -65,20 +87,77 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
     The ISIC task defines a lesion as one contiguous region without holes.
     """
+    if not mask.any():
+        return mask
+    return ndimage.binary_fill_holes(_largest_component(mask))
+
+
+def keep_largest_components(label_map: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W) label map keeping the largest 8-connected region of each foreground class.
+
+    The other regions become background 0, as nnU-Net's "remove all but the largest
+    component". A kept region's holes are filled with its class only where they are background
+    after that (a region of another class inside it stays); a hole inside several regions goes
+    to the innermost one, whose filled area is the smallest.
+    """
+    kept = np.zeros_like(label_map)
+    filled = []
+    for value in np.unique(label_map):
+        if value == 0:
+            continue
+        largest = _largest_component(label_map == value)
+        kept[largest] = value
+        region = ndimage.binary_fill_holes(largest)
+        filled.append((int(region.sum()), int(value), region & ~largest))
+    for _, value, holes in sorted(filled, key=lambda item: item[0]):
+        kept[holes & (kept == 0)] = value
+    return kept
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
-    largest = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(largest)
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) as (H, W, ``channels``), 1 or 3.
+
+    Colour becomes gray by the luma `medseg.data.io.read_image` uses (ITU-R 601), so an image
+    passed as an array gives the same mask as the same file read by predict; gray is repeated
+    into three channels.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise MedsegError(
+            f"cannot segment an image of {image.dtype} {image.shape}; pass uint8 (H, W, 3) "
+            f"colour or (H, W) gray, as medseg.data.io.read_image returns"
+        )
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    if channels == 1:
+        gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    raise MedsegError(
+        f"the checkpoint's network takes {channels} channels; only 1 (gray) or 3 (colour) "
+        f"can be made from an image, so pass (H, W, {channels}) arrays"
+    )
 
 
 @dataclass
 class Predictor:
-    """A trained model ready to segment uint8 RGB images of any size.
+    """A trained model ready to segment uint8 images of any size, colour or gray.
 
-    ``threshold`` cuts the foreground probability; None takes the checkpoint's own
-    (``config.train.threshold``).
+    A binary model (``config.model.num_classes`` 1) gives foreground probabilities, cut at
+    ``threshold``; None takes the checkpoint's own (``config.train.threshold``). A K-class model
+    gives K class probabilities and arg-max label maps; it has no threshold. ``tta`` "auto"
+    becomes the checkpoint's mode (`resolve_tta`); ``self.tta`` holds the mode that runs.
     """
 
     model: torch.nn.Module
@@ -92,10 +171,18 @@ class Predictor:
 
     def __post_init__(self):
         check_threshold(self.threshold)
-        if self.threshold is None:
+        if self.multi_class and self.threshold is not None:
+            raise MedsegError(
+                f"threshold {self.threshold!r} applies to binary masks only; this checkpoint "
+                f"predicts {self.config.model.num_classes} classes by arg-max, so leave "
+                f"--threshold out"
+            )
+        if self.threshold is None and not self.multi_class:
             self.threshold = self.config.train.threshold
-        self.transform = eval_transform(self.config.data.image_size)
-        tta_views(self.tta)  # validate early
+        self.tta = resolve_tta(self.tta, self.config)
+        self.transform = eval_transform(
+            self.config.data.image_size, channels=self.config.data.channels
+        )
         self.model.eval().to(self.device, memory_format=torch.channels_last)
         # Freezing lets the compiler treat the weights as constants: BatchNorm folds into the
         # convolutions and the weights are laid out once for the CPU's matrix kernels. It
@@ -132,31 +219,75 @@ class Predictor:
             threshold=threshold,
         )
 
+    @property
+    def multi_class(self) -> bool:
+        """True for a K-class model (softmax, label maps), False for a binary one (sigmoid)."""
+        return self.config.model.num_classes > 1
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names by label value (``config.data.labels``); empty for binary masks."""
+        return list(self.config.data.labels)
+
     @torch.no_grad()
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Foreground probability maps, float32 (H, W), each at its image's own size."""
-        batch = torch.stack([self.transform(image=image)["image"] for image in images])
+        """Probabilities at each image's own size: float32 (H, W) of the foreground for a binary
+        model; float32 (K, H, W) of each class for a K-class model, summing to 1 per pixel.
+
+        ``images`` are uint8 (H, W, 3) or (H, W[, 1]) gray (`to_channels`). Each TTA view's
+        softmax (or sigmoid) is turned back and averaged before the resize to the image's size.
+        """
+        channels = self.config.data.channels
+        batch = torch.stack(
+            [self.transform(image=to_channels(image, channels))["image"] for image in images]
+        )
         batch = batch.to(self.device, memory_format=torch.channels_last)
         views = tta_views(self.tta)
-        total = torch.zeros(batch.shape[0], 1, *batch.shape[-2:], device=self.device)
+        outputs = self.config.model.num_classes
+        total = torch.zeros(batch.shape[0], outputs, *batch.shape[-2:], device=self.device)
         for turns, flip in views:
             view = _orient(batch, turns, flip)
             with self.precision.autocast(self.device):
                 logits = self.network(view)
-            total += _unorient(torch.sigmoid(logits.float()), turns, flip)
-        maps = (total / len(views))[:, 0].cpu().numpy()
+            scores = (
+                logits.float().softmax(1) if self.multi_class else torch.sigmoid(logits.float())
+            )
+            total += _unorient(scores, turns, flip)
+        maps = (total / len(views)).cpu().numpy()  # (N, outputs, h, w)
+        if not self.multi_class:
+            return [
+                resize_image(probability, image.shape[:2])
+                for probability, image in zip(maps[:, 0], images, strict=True)
+            ]
+        # Resized as (h, w, K): every class by the same interpolation, so each pixel's
+        # probabilities still sum to 1 at the image's size.
         return [
-            resize_image(probability, image.shape[:2])
+            np.ascontiguousarray(
+                resize_image(probability.transpose(1, 2, 0), image.shape[:2]).transpose(2, 0, 1),
+                dtype=np.float32,
+            )
             for probability, image in zip(maps, images, strict=True)
         ]
 
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Binary masks (bool, H × W) at each image's size."""
-        return [self.binarize(probability) for probability in self.probabilities(images)]
+        """Masks at each image's size: bool (H, W) for binary, uint8 (H, W) label maps for K
+        classes (see `to_mask`)."""
+        return [self.to_mask(probability) for probability in self.probabilities(images)]
+
+    def to_mask(self, probability: np.ndarray) -> np.ndarray:
+        """One output of `probabilities` as a mask: `binarize` or `label_map`."""
+        return self.label_map(probability) if self.multi_class else self.binarize(probability)
 
     def binarize(self, probability: np.ndarray) -> np.ndarray:
-        mask = probability > self.threshold
+        """A bool (H, W) mask: foreground above the threshold; its largest region if postprocess."""
+        mask = binarize(probability, self.threshold)
         return keep_largest_component(mask) if self.postprocess else mask
+
+    def label_map(self, probabilities: np.ndarray) -> np.ndarray:
+        """A uint8 (H, W) label map: the arg-max of (K, H, W) probabilities, taken at the image's
+        own size (never a resized label map); with postprocess, each class's largest region."""
+        labels = probabilities.argmax(0).astype(np.uint8)
+        return keep_largest_components(labels) if self.postprocess else labels
 
 
 def _orient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
@@ -183,10 +314,17 @@ def mask_name(image_path: Path) -> str:
     return f"{Path(image_path.name).stem}_segmentation.png"
 
 
-def output_names(image_path: Path, *, probabilities: bool, overlays: bool) -> list[str]:
-    """Every file predict writes for one image, the mask last (its presence means: done)."""
+def output_names(
+    image_path: Path, *, probabilities: bool, overlays: bool, multi_class: bool = False
+) -> list[str]:
+    """Every file predict writes for one image, the mask last (its presence means: done).
+
+    Probabilities are ``<stem>_probability.png`` (0..255) for binary, ``<stem>_probabilities.npz``
+    (every class) for a K-class model.
+    """
     stem = Path(image_path.name).stem
-    extras = [f"{stem}_probability.png"] * probabilities + [f"{stem}_overlay.png"] * overlays
+    probability = f"{stem}_probabilities.npz" if multi_class else f"{stem}_probability.png"
+    extras = [probability] * probabilities + [f"{stem}_overlay.png"] * overlays
     return [*extras, mask_name(image_path)]
 
 
@@ -222,11 +360,16 @@ def predict(
     compile: bool = False,
     threshold: float | None = None,
 ) -> PredictionReport:
-    """Segment an image file or a folder of images into ``output/<id>_segmentation.png`` (0/255).
+    """Segment an image file or a folder of images into ``output/<id>_segmentation.png``.
 
+    A binary model writes 0/255 masks (with ``probabilities``, ``<id>_probability.png``: the
+    foreground probability × 255); a K-class model writes 8-bit label maps whose values are
+    class indices (with ``probabilities``, ``<id>_probabilities.npz``: float16 "probabilities"
+    (K, H, W) and the class names "labels"). ``overlays`` adds ``<id>_overlay.png``.
     Masks already in ``output`` are kept and skipped unless ``overwrite``: an interrupted run
     resumes where it stopped. Unreadable images are listed in the report; the others are written.
-    ``threshold`` cuts the foreground probability (None: the checkpoint's).
+    ``threshold`` cuts the foreground probability (None: the checkpoint's; binary models only).
+    ``tta`` "auto" is resolved per checkpoint (`resolve_tta`); the record holds the mode run.
     """
     check_threshold(threshold)
     output = Path(output)
@@ -243,12 +386,16 @@ def predict(
     )
     record = {
         "checkpoint_sha256": _sha256(resolve_checkpoint(checkpoint)),
-        "tta": tta,
+        "tta": predictor.tta,  # resolved: "auto" is recorded as the mode it ran
         "postprocess": postprocess,
         "threshold": predictor.threshold,  # resolved: the checkpoint's unless one was given
     }
+    multi_class, labels = predictor.multi_class, predictor.labels
     names = {
-        path: output_names(path, probabilities=probabilities, overlays=overlays) for path in inputs
+        path: output_names(
+            path, probabilities=probabilities, overlays=overlays, multi_class=multi_class
+        )
+        for path in inputs
     }
     if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
         for path in inputs:
@@ -266,20 +413,28 @@ def predict(
         else:
             pending.append(path)
     bar = progress_bar(total=len(pending), desc="predicting", enabled=progress)
-    for paths, images in _readable_batches(pending, batch_size, report):
+    channels = predictor.config.data.channels
+    for paths, images in _readable_batches(pending, batch_size, report, channels=channels):
         for path, image, probability in zip(
             paths, images, predictor.probabilities(images), strict=True
         ):
-            mask = predictor.binarize(probability)
+            mask = predictor.to_mask(probability)
             stem = Path(path.name).stem
-            if probabilities:
+            if probabilities and multi_class:
+                _save_npz(output / f"{stem}_probabilities.npz", probability, labels)
+            elif probabilities:
                 _save_png(
                     output / f"{stem}_probability.png",
                     np.round(probability * 255).astype(np.uint8),
                 )
             if overlays:
-                _save_png(output / f"{stem}_overlay.png", overlay(image, mask))
-            _save_png(output / mask_name(path), (mask * 255).astype(np.uint8))  # last: done
+                _save_png(
+                    output / f"{stem}_overlay.png",
+                    overlay(image, mask, labels if multi_class else None),
+                )
+            # A label map is saved as its class indices; a binary mask as 0/255.
+            written = mask if multi_class else (mask * 255).astype(np.uint8)
+            _save_png(output / mask_name(path), written)  # last: done
             report.written.append(output / mask_name(path))
         bar.update(len(paths))
     bar.close()
@@ -319,12 +474,12 @@ def _sha256(path: Path) -> str:
 
 
 def _readable_batches(
-    paths: list[Path], batch_size: int, report: PredictionReport
+    paths: list[Path], batch_size: int, report: PredictionReport, *, channels: int = 3
 ) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
     batch_paths, batch_images = [], []
     for path in paths:
         try:
-            image = read_image(path)
+            image = read_image(path, channels=channels)
         except MedsegError as error:
             report.failed.append(str(error))
             continue
@@ -351,3 +506,13 @@ def _check_unique_names(paths: list[Path]) -> None:
 def _save_png(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as temporary:
         Image.fromarray(array).save(temporary, format="PNG")
+
+
+def _save_npz(path: Path, probabilities: np.ndarray, labels: list[str]) -> None:
+    """(K, H, W) class probabilities as float16 (half the size, within 0.00025 of float32),
+    with the class names, in a compressed ``.npz``."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        # A file handle, not a name: np.savez would add ".npz" to the temporary name.
+        np.savez_compressed(
+            handle, probabilities=probabilities.astype(np.float16), labels=np.array(labels)
+        )
