@@ -11,7 +11,7 @@ from torch import nn
 
 from medseg.api import visualize
 from medseg.config import build_config
-from medseg.data.io import read_image
+from medseg.data.io import read_image, to_channels
 from medseg.data.transforms import normalisation
 from medseg.engine.checkpoint import save_checkpoint
 from medseg.engine.runtime import Precision
@@ -23,7 +23,6 @@ from medseg.inference import (
     output_names,
     predict,
     resolve_tta,
-    to_channels,
 )
 from medseg.visualize import overlay, save_prediction_figure
 

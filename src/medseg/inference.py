@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from medseg.config import Config
 from medseg.data.folder import list_images
-from medseg.data.io import read_image
+from medseg.data.io import read_image, to_channels
 from medseg.data.plan import augmentation_for
 from medseg.data.transforms import FLIPPING_AUGMENTATIONS, eval_transform, resize_image
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
@@ -120,34 +120,6 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     return labels == (int(np.argmax(sizes)) + 1)
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) as (H, W, ``channels``), 1 or 3.
-
-    Colour becomes gray by the luma `medseg.data.io.read_image` uses (ITU-R 601), so an image
-    passed as an array gives the same mask as the same file read by predict; gray is repeated
-    into three channels.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise MedsegError(
-            f"cannot segment an image of {image.dtype} {image.shape}; pass uint8 (H, W, 3) "
-            f"colour or (H, W) gray, as medseg.data.io.read_image returns"
-        )
-    if image.shape[2] == channels:
-        return image
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    if channels == 1:
-        gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
-    raise MedsegError(
-        f"the checkpoint's network takes {channels} channels; only 1 (gray) or 3 (colour) "
-        f"can be made from an image, so pass (H, W, {channels}) arrays"
-    )
 
 
 @dataclass

@@ -34,12 +34,35 @@ MAX_PIXELS = 120_000_000
 def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
     """Read an image as uint8 (H, W, channels): RGB for 3, gray for 1; a bad file is named."""
     with _open(path) as image:
-        rgb = _to_rgb(image)
+        return to_channels(_to_rgb(image), channels)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) as (H, W, ``channels``), 1 or 3.
+
+    Colour becomes gray by ITU-R 601 luma, as PIL's "L" mode (a gray file read as RGB comes
+    back unchanged), so an image passed as an array gives the same mask as the same file read
+    from disk; gray is repeated into three channels.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise MedsegError(
+            f"cannot segment an image of {image.dtype} {image.shape}; pass uint8 (H, W, 3) "
+            f"colour or (H, W) gray, as medseg.data.io.read_image returns"
+        )
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
     if channels == 1:
-        # ITU-R 601 luma, as PIL's "L" mode: a gray image read this way comes back unchanged.
-        gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        gray = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
-    return rgb
+    raise MedsegError(
+        f"the checkpoint's network takes {channels} channels; only 1 (gray) or 3 (colour) "
+        f"can be made from an image, so pass (H, W, {channels}) arrays"
+    )
 
 
 def read_target(path: str | Path, labels: list[str] | tuple[str, ...] = ()) -> np.ndarray:
