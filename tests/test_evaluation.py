@@ -8,15 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import medseg
 from medseg.cli import main
+from medseg.config import build_config
 from medseg.data.folder import find_pairs
-from medseg.data.io import read_image, read_mask
+from medseg.data.io import read_image, read_mask, read_target
 from medseg.engine import evaluate as validation
+from medseg.engine.checkpoint import save_checkpoint
 from medseg.engine.evaluate import evaluate_loader
 from medseg.engine.runtime import select_precision
 from medseg.evaluation import (
+    PER_CLASS_TABLE,
     PER_IMAGE_COLUMNS,
     SUMMARY_TABLE,
     evaluate_folder,
@@ -25,7 +29,8 @@ from medseg.evaluation import (
 )
 from medseg.inference import Predictor
 from medseg.losses import DiceBCELoss
-from medseg.metrics import binarize, confusion_counts, dice
+from medseg.metrics import MetricAccumulator, binarize, class_counts, confusion_counts, dice
+from medseg.model import DeepLabV3Plus
 
 CPU = torch.device("cpu")
 
@@ -102,6 +107,40 @@ def test_validation_threshold_moves_the_masks(five_images):
     tp, fp, _, _ = everything.counts.sum(0).tolist()
     assert tp + fp == 5 * 64 * 64  # every pixel is above probability 0
     assert nothing.counts[:, :2].sum() == 0  # none above probability 1
+
+
+def test_validation_of_a_multi_class_model_counts_each_class():
+    torch.manual_seed(0)
+    model = medseg.DeepLabV3Plus(num_classes=3, backbone="resnet18").eval()
+    images = torch.randn(5, 3, 64, 64)
+    masks = torch.randint(0, 3, (5, 1, 64, 64)).float()  # class indices, as training's batches
+    labels = ["background", "a", "b"]
+    options = {"loss_fn": DiceBCELoss(), "device": CPU, "precision": select_precision("fp32", CPU)}
+    by_2 = [{"image": images[i : i + 2], "mask": masks[i : i + 2]} for i in range(0, 5, 2)]
+    loss_of_2, metrics_of_2 = evaluate_loader(model, by_2, labels=labels, **options)
+    loss_of_5, metrics_of_5 = evaluate_loader(
+        model, [{"image": images, "mask": masks}], labels=labels, **options
+    )
+    with torch.no_grad():
+        logits = model(images)
+    # Counts of the arg-max label maps, per class; the loss is each image's own, averaged.
+    expected = class_counts(logits.argmax(1), masks[:, 0], classes=2)
+    assert expected[:, :, 0].sum() > 0  # the untrained network gets some pixels right
+    assert metrics_of_2.classes == ("a", "b")
+    assert torch.equal(metrics_of_2.counts, expected)
+    assert torch.equal(metrics_of_5.counts, expected)
+    per_image = [float(DiceBCELoss()(logits[i : i + 1], masks[i : i + 1])) for i in range(5)]
+    assert loss_of_2 == pytest.approx(sum(per_image) / 5, rel=1e-5)
+    assert loss_of_5 == pytest.approx(sum(per_image) / 5, rel=1e-5)
+    summary = metrics_of_2.summary()
+    assert summary["per_class"]["b"]["dice"] == pytest.approx(float(dice(expected[:, 1]).mean()))
+    assert summary["dice"] == pytest.approx(float(dice(expected).mean()))
+    # As training gathers them from several processes: counts concatenated, names given.
+    gathered = torch.cat([metrics_of_2.counts[:3], metrics_of_5.counts[3:]])
+    rebuilt = MetricAccumulator.from_counts(gathered, classes=metrics_of_2.classes)
+    assert rebuilt.summary() == summary
+    with pytest.raises(ValueError, match="labels=config.data.labels"):
+        evaluate_loader(model, by_2, **options)  # 3 outputs but no class names
 
 
 def test_validation_imports_nothing_above_the_engine():
@@ -223,3 +262,192 @@ def test_format_summary_prints_every_table_row_and_the_worst():
     assert lines[-2].startswith("ASSD") and lines[-2].endswith("0.0000")
     assert any(line.startswith("HD95") and line.endswith("12.5000") for line in lines)
     assert lines[-1] == "3 images; lowest Dice: ISIC_1 (0.250), ISIC_2 (0.500)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder evaluation of label maps
+
+LABELS = ["background", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def three_class_checkpoint(tmp_path_factory):
+    """An untrained resnet18 for 64×64 inputs that tells background, a and b apart."""
+    config = build_config(
+        overrides={"model.backbone": "resnet18", "model.pretrained": False,
+                   "data.image_size": 64, "data.labels": LABELS, "model.num_classes": 3}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DeepLabV3Plus.from_config(config.model)
+    path = tmp_path_factory.mktemp("three-class") / "best.pt"
+    save_checkpoint(
+        path, {"config": config.to_dict(), "model": model.state_dict(), "epoch": 1, "metrics": {}}
+    )
+    return path
+
+
+def _label_map_root(root, labels, *, values=3):
+    """root/test with 3 random images of two sizes and label maps of ``values`` classes, and
+    root/dataset.json declaring ``labels``."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (root / "test" / folder).mkdir(parents=True)
+    for index, (height, width) in enumerate([(40, 48), (56, 36), (40, 48)]):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label_map = np.zeros((height, width), np.uint8)
+        label_map[4:20, 4:20] = 1
+        if index != 2:  # the last image holds no b
+            label_map[24:36, 8:30] = values - 1
+        Image.fromarray(image).save(root / "test" / "images" / f"mc_{index}.png")
+        Image.fromarray(label_map).save(root / "test" / "masks" / f"mc_{index}_segmentation.png")
+    names = {name: value for value, name in enumerate(labels)}
+    (root / "dataset.json").write_text(json.dumps({"labels": names}))
+    return root
+
+
+def test_evaluate_folder_scores_each_class(three_class_checkpoint, tmp_path):
+    root = _label_map_root(tmp_path / "data", LABELS)
+    out, report = tmp_path / "eval", tmp_path / "report"
+    summary = evaluate_folder(three_class_checkpoint, root, out, progress=False, report=report)
+
+    assert list(summary) == [
+        *SUMMARY_KEYS[: SUMMARY_KEYS.index("worst") + 1],
+        "mean_foreground_dice", "per_class", "checkpoint", "data", "tta", "postprocess", "labels",
+    ]  # fmt: skip
+    assert summary["labels"] == LABELS
+    assert list(summary["per_class"]) == ["a", "b"]
+    assert summary["per_class"]["b"]["images_present"] == 2
+    assert json.loads((out / "summary.json").read_text()) == summary
+    per_class = [
+        f"{name}_{label}" for name in ("dice", "iou", "sensitivity", "specificity", "hd95", "assd")
+        for label in ("a", "b")
+    ]  # fmt: skip
+    with open(out / "per_image.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == (*PER_IMAGE_COLUMNS, *per_class)
+        rows = list(reader)
+
+    # Each row is the pair's own score: the checkpoint's label map against the mask read exactly.
+    predictor = Predictor.from_checkpoint(three_class_checkpoint, device="cpu")
+    for sample, row in zip(find_pairs(root / "test"), rows, strict=True):
+        prediction = predictor.masks([read_image(sample.image)])[0]
+        assert (
+            prediction.dtype == np.uint8 and prediction.shape == Image.open(sample.image).size[::-1]
+        )
+        expected = score_pair(
+            sample.id, prediction, read_target(sample.mask, LABELS), labels=LABELS
+        )
+        assert list(row) == list(expected)
+        for column in ("tp", "fp", "fn", "tn"):
+            assert int(row[column]) == expected[column], (sample.id, column)
+        for column in ("dice", "iou", "hd95", *per_class):
+            assert float(row[column]) == pytest.approx(expected[column], rel=1e-5, abs=1e-6)
+    for label in ("a", "b"):
+        dices = [float(row[f"dice_{label}"]) for row in rows]
+        assert summary["per_class"][label]["dice"] == pytest.approx(np.mean(dices), rel=1e-5)
+    assert summary["dice"] == pytest.approx(np.mean([float(row["dice"]) for row in rows]), rel=1e-5)
+
+    lines = format_summary(summary).splitlines()
+    for label in ("a", "b", "mean"):
+        scores = summary["per_class"].get(label, summary)
+        line = next(line for line in lines if line.split()[:1] == [label])
+        assert [float(cell) for cell in line.split()[1:]] == pytest.approx(
+            [round(scores[key], 4) for _, key in PER_CLASS_TABLE], abs=1e-4
+        )
+    page = (report / "index.html").read_text()
+    assert "<h2>Per class</h2>" in page
+    assert f"<tr><td>b</td><td>{summary['per_class']['b']['dice']:.4f}</td>" in page
+
+
+def test_evaluate_folder_refuses_data_of_other_classes(
+    three_class_checkpoint, tiny_checkpoint, tmp_path
+):
+    other = _label_map_root(tmp_path / "other", ["background", "a", "c"])
+    with pytest.raises(medseg.MedsegError) as refused:
+        evaluate_folder(three_class_checkpoint, other, tmp_path / "eval", progress=False)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "['background', 'a', 'c']" in message and "['background', 'a', 'b']" in message
+    # A binary checkpoint on label maps of three classes.
+    three = _label_map_root(tmp_path / "three", LABELS)
+    with pytest.raises(medseg.MedsegError, match=r"\['background', 'a', 'b'\].*binary masks"):
+        evaluate_folder(tiny_checkpoint, three, tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()  # refused before anything was written
+
+
+def test_binary_label_maps_score_as_binary_masks(tiny_checkpoint, synthetic_root, tmp_path):
+    # The same masks as 0/255 (half-range rule) and as 0/1 declared by a two-class dataset.json.
+    summary = evaluate_folder(tiny_checkpoint, synthetic_root, tmp_path / "masks", progress=False)
+    for path in (synthetic_root / "test" / "masks").iterdir():
+        Image.fromarray(read_mask(path).astype(np.uint8)).save(path)
+    (synthetic_root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "lesion": 1}})
+    )
+    labelled = evaluate_folder(tiny_checkpoint, synthetic_root, tmp_path / "maps", progress=False)
+    assert labelled == summary
+    assert (tmp_path / "maps" / "per_image.csv").read_text() == (
+        tmp_path / "masks" / "per_image.csv"
+    ).read_text()
+
+
+def test_score_pair_of_label_maps_by_hand():
+    # a: tp 3, fp 1, fn 1 (Dice 6/8); b: tp 3, fp 2, fn 1 (Dice 6/9).
+    truth = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 0, 0], [2, 2, 0, 0]], dtype=np.uint8)
+    prediction = np.array([[0, 1, 1, 1], [0, 0, 1, 0], [2, 0, 0, 0], [2, 2, 2, 2]], dtype=np.uint8)
+    row = score_pair("x", prediction, truth, labels=LABELS)
+    assert row["dice"] == pytest.approx((6 / 8 + 6 / 9) / 2)
+    assert row["iou"] == pytest.approx((3 / 5 + 3 / 6) / 2)
+    assert (row["dice_a"], row["dice_b"]) == pytest.approx((6 / 8, 6 / 9))
+    binary = score_pair("x", prediction == 1, truth == 1)  # no labels: a binary mask
+    assert binary["dice"] == pytest.approx(6 / 8) and "dice_a" not in binary
+
+
+def test_format_summary_prints_one_row_per_class_and_their_mean():
+    summary = {key: 0.0 for _, key in SUMMARY_TABLE}
+    summary.update(dice=0.625, iou=0.5, hd95=7.25, assd=3.0, sensitivity=0.75, specificity=0.875)
+    summary.update(images=2, worst=[{"id": "x", "dice": 0.5}])
+    summary["per_class"] = {
+        "left lung": {"dice": 0.75, "iou": 0.625, "hd95": 2.5, "assd": 1.0,
+                      "sensitivity": 1.0, "specificity": 0.75},
+        "heart": {"dice": 0.5, "iou": 0.375, "hd95": 12.0, "assd": 5.0,
+                  "sensitivity": 0.5, "specificity": 1.0},
+    }  # fmt: skip
+    lines = format_summary(summary).splitlines()
+    start = 2 + len(SUMMARY_TABLE) + 1  # the summary table, then a blank line
+    assert lines[start].split() == [
+        "class",
+        "Dice",
+        "IoU",
+        "HD95",
+        "ASSD",
+        "Sensitivity",
+        "Specificity",
+    ]
+    assert lines[start + 2].startswith("left lung ")
+    assert lines[start + 2].split()[2:] == [
+        "0.7500",
+        "0.6250",
+        "2.5000",
+        "1.0000",
+        "1.0000",
+        "0.7500",
+    ]
+    assert lines[start + 3].split() == [
+        "heart",
+        "0.5000",
+        "0.3750",
+        "12.0000",
+        "5.0000",
+        "0.5000",
+        "1.0000",
+    ]
+    assert lines[start + 4].split() == [
+        "mean",
+        "0.6250",
+        "0.5000",
+        "7.2500",
+        "3.0000",
+        "0.7500",
+        "0.8750",
+    ]
+    assert lines[-1] == "2 images; lowest Dice: x (0.500)"

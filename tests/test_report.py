@@ -10,8 +10,9 @@ import numpy as np
 from PIL import Image
 
 from medseg.cli import main
-from medseg.evaluation import SUMMARY_TABLE
+from medseg.evaluation import PER_CLASS_TABLE, SUMMARY_TABLE
 from medseg.report import pick_cases, write_report
+from medseg.visualize import class_colour
 
 
 def _pictures(page: str) -> list[tuple[str, Image.Image]]:
@@ -106,3 +107,59 @@ def test_pick_cases_orders_by_dice():
     # Two per kind, ties kept in order: sorted 0.1(2) 0.3(4) 0.5(0) 0.7(3) 0.9(1).
     cases = pick_cases(rows, per_kind=2)
     assert cases == {"best": [1, 3], "median": [4, 0], "worst": [2, 4]}
+
+
+def test_write_report_of_label_maps_by_hand(tmp_path):
+    labels = ["background", "lung <l>", "heart"]
+    rows = [{"id": "one", "dice": 0.5, "iou": 0.25, "hd95": 3.0, "assd": 1.0}]
+    scores = {
+        "dice": 0.5,
+        "iou": 0.25,
+        "hd95": 3.0,
+        "assd": 1.0,
+        "sensitivity": 0.5,
+        "specificity": 1.0,
+    }
+    summary = {
+        "images": 1, **scores, "worst": [{"id": "one", "dice": 0.5}],
+        "per_class": {
+            "lung <l>": {**scores, "dice": 0.75, "hd95": 2.0},
+            "heart": {**scores, "dice": 0.25, "hd95": 4.0},
+        },
+    }  # fmt: skip
+    image = np.full((8, 10, 3), 200, dtype=np.uint8)
+    truth = np.zeros((8, 10), dtype=np.uint8)
+    truth[1:7, 1:5] = 1
+    truth[1:7, 6:10] = 2
+    prediction = np.zeros_like(truth)
+    prediction[1:7, 6:10] = 2  # heart found, lung missed
+    cases = {"worst": [("one", image[..., :1], truth, prediction)]}  # a gray (H, W, 1) image
+
+    path = write_report(
+        tmp_path / "index.html", summary, rows, cases,
+        table=[("Dice (mean)", "dice")], class_table=list(PER_CLASS_TABLE), labels=labels,
+    )  # fmt: skip
+    page = path.read_text()
+
+    table = _section(page, "Per class")
+    assert "<th>class</th><th>Dice</th><th>IoU</th><th>HD95</th>" in table
+    assert "<tr><td>lung &lt;l&gt;</td><td>0.7500</td><td>0.2500</td><td>2.0000</td>" in table
+    assert "<tr><td>heart</td><td>0.2500</td><td>0.2500</td><td>4.0000</td>" in table
+    assert "<tr><td>mean</td><td>0.5000</td><td>0.2500</td><td>3.0000</td>" in table
+    worst = _section(page, "Worst cases")
+    assert "left to right: image, ground truth, prediction" in worst
+    assert f'color:rgb{class_colour(2)}">&#9632;</span> heart' in worst
+    assert "lung <l>" not in page  # class names are escaped
+
+    picture = np.asarray(dict(_pictures(page))["one"].convert("RGB")).astype(int)
+    assert picture.shape == (8, 30, 3)  # image, truth, prediction side by side
+    assert (picture[:, :10] == 200).all()  # the gray image, in three channels
+
+    # Inside each region (away from its outline) the fill blends 40 % of the class colour.
+    def blended(index):
+        return [round(0.6 * 200 + 0.4 * channel) for channel in class_colour(index)]
+
+    assert picture[3, 10 + 2].tolist() == blended(1)  # truth: lung
+    assert picture[3, 10 + 8].tolist() == blended(2)  # truth: heart
+    assert picture[3, 20 + 2].tolist() == [200, 200, 200]  # prediction: lung missed
+    assert picture[3, 20 + 8].tolist() == blended(2)  # prediction: heart

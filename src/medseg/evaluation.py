@@ -2,29 +2,37 @@
 
 `evaluate_folder` predicts with `medseg.inference.Predictor`, feeds every prediction and its mask
 to one `MetricAccumulator` (overlap and surface metrics), and writes ``per_image.csv`` (columns
-`PER_IMAGE_COLUMNS`) and ``summary.json`` (`MetricAccumulator.summary` plus what was scored and
-how). Validation during training, at the network's resolution, is
-`medseg.engine.evaluate.evaluate_loader`.
+`PER_IMAGE_COLUMNS`, then per-class columns for a multi-class checkpoint) and ``summary.json``
+(`MetricAccumulator.summary` plus what was scored and how). Validation during training, at the
+network's resolution, is `medseg.engine.evaluate.evaluate_loader`.
+
+Masks are read as the checkpoint was trained: label maps of its classes (``data.labels``) for a
+multi-class checkpoint; for a binary one, 0/1 label maps where the data's dataset.json declares
+two classes, else binary masks by the half-range rule (`medseg.data.io.read_target`). Data whose
+dataset.json declares other classes than the checkpoint's is refused before anything is scored.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from medseg.data.dataset import find_dataset_json, read_dataset_info
 from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
-from medseg.data.io import read_image, read_mask
+from medseg.data.io import read_image, read_target
 from medseg.errors import MedsegError
 from medseg.files import check_writable, write_csv, write_text
 from medseg.inference import DEFAULT_TTA, Predictor
-from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator
-from medseg.report import pick_cases, write_report
+from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, foreground_classes
+from medseg.report import class_rows, pick_cases, write_report
 
 __all__ = [
+    "PER_CLASS_TABLE",
     "PER_IMAGE_COLUMNS",
     "SUMMARY_TABLE",
     "evaluate_folder",
@@ -46,6 +54,16 @@ SUMMARY_TABLE = (
     ("HD95, pixels (mean)", "hd95"),
     ("ASSD, pixels (mean)", "assd"),
 )
+# (heading, key of summary["per_class"][class]): the columns of the per-class table that
+# `format_summary` prints and the report shows for a multi-class summary.
+PER_CLASS_TABLE = (
+    ("Dice", "dice"),
+    ("IoU", "iou"),
+    ("HD95", "hd95"),
+    ("ASSD", "assd"),
+    ("Sensitivity", "sensitivity"),
+    ("Specificity", "specificity"),
+)
 
 
 def evaluate_folder(
@@ -66,10 +84,12 @@ def evaluate_folder(
     """Score a checkpoint on ``data`` (a split folder, or a root whose test/ is used).
 
     Predictions are made at each image's own size and compared with its mask there, a pixel
-    being foreground above ``threshold`` (default: the checkpoint's ``train.threshold``).
-    Writes ``per_image.csv`` and ``summary.json`` into ``out`` and returns the summary, whose
-    ``data`` is the folder actually scored; with ``report``, also an offline HTML page
-    (``report/index.html``, see `medseg.report`).
+    being foreground above ``threshold`` (default: the checkpoint's ``train.threshold``) for a
+    binary checkpoint, of its arg-max class for a multi-class one. Writes ``per_image.csv`` and
+    ``summary.json`` into ``out`` and returns the summary, whose ``data`` is the folder actually
+    scored and ``tta`` the mode that ran; a multi-class summary adds ``per_class``,
+    ``mean_foreground_dice`` and ``labels`` (the checkpoint's class names). With ``report``,
+    also an offline HTML page (``report/index.html``, see `medseg.report`).
     """
     tta = DEFAULT_TTA if tta is None else tta
     out = Path(out)
@@ -84,56 +104,115 @@ def evaluate_folder(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
         threshold=threshold,
     )  # fmt: skip
+    labels = list(predictor.config.data.labels)
+    target_labels = _target_labels(checkpoint, predictor, folder)
     pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
-    metrics = _score_pairs(predictor, pairs, batch_size=batch_size, progress=progress)
+    reading = {"channels": predictor.config.data.channels, "labels": target_labels}
+    metrics = _score_pairs(predictor, pairs, batch_size=batch_size, progress=progress, **reading)
     summary = metrics.summary()
     summary.update(
-        {"checkpoint": str(checkpoint), "data": str(folder), "tta": tta, "postprocess": postprocess}
-    )
+        {"checkpoint": str(checkpoint), "data": str(folder), "tta": predictor.tta,
+         "postprocess": postprocess}
+    )  # fmt: skip
+    if metrics.multi_class:  # binary summaries keep the keys they always had
+        summary["labels"] = labels
     rows = metrics.rows()
-    write_csv(out / "per_image.csv", rows, PER_IMAGE_COLUMNS)
+    write_csv(out / "per_image.csv", rows, metrics.columns())
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     if report is not None:
-        _write_report(Path(report) / "index.html", summary, rows, pairs, predictor)
+        _write_report(Path(report) / "index.html", summary, rows, pairs, predictor, **reading)
     return summary
 
 
+def _target_labels(checkpoint, predictor: Predictor, folder: Path) -> tuple[str, ...]:
+    """The class names to read the masks of ``folder`` with (`medseg.data.io.read_target`).
+
+    Refuses data whose dataset.json declares classes other than the checkpoint's; two binary
+    class lists (no names, or two names) only differ in their names and are both read as 0/1.
+    """
+    trained = tuple(predictor.config.data.labels)
+    multi_class = predictor.config.model.num_classes > 1
+    info = read_dataset_info(folder)
+    declared = info.labels if info is not None else ()
+    if info is not None and declared != trained and (multi_class or len(declared) > 2):
+        raise MedsegError(
+            f"{find_dataset_json(folder)} declares the classes {list(declared)} but {checkpoint} "
+            f"was trained on {list(trained) if trained else 'binary masks (no class names)'}; "
+            f"score it on data with the classes it knows"
+        )
+    return trained if multi_class else declared
+
+
 def _score_pairs(
-    predictor: Predictor, pairs: list[Sample], *, batch_size: int, progress: bool
+    predictor: Predictor,
+    pairs: list[Sample],
+    *,
+    batch_size: int,
+    progress: bool,
+    channels: int,
+    labels: tuple[str, ...],
 ) -> MetricAccumulator:
     """Predict the pairs in chunks of ``batch_size`` and accumulate every image's metrics."""
-    metrics = MetricAccumulator(surface=True)
+    classes = foreground_classes(predictor.config.data.labels)
+    metrics = MetricAccumulator(classes=classes, surface=True)
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", disable=not progress):
         chunk = pairs[start : start + batch_size]
-        images, masks = _read_pairs(chunk)
+        images, masks = _read_pairs(chunk, channels=channels, labels=labels)
         for sample, mask, prediction in zip(chunk, masks, predictor.masks(images), strict=True):
             metrics.add(sample.id, prediction, mask)
     return metrics
 
 
-def score_pair(sample_id: str, prediction: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """One row of per_image.csv (`PER_IMAGE_COLUMNS`) for an (H, W) bool prediction and truth."""
-    metrics = MetricAccumulator(surface=True)
+def score_pair(
+    sample_id: str, prediction: np.ndarray, truth: np.ndarray, *, labels: Sequence[str] = ()
+) -> dict[str, Any]:
+    """One row of per_image.csv for an (H, W) prediction and truth: bool or 0/1 masks, or label
+    maps of the classes ``labels`` (``config.data.labels``, background first).
+
+    "dice", "iou" and the other unsuffixed metrics are the means over the foreground classes;
+    with more than two ``labels``, each class's own values follow as ``dice_<class>`` etc.
+    """
+    metrics = MetricAccumulator(classes=foreground_classes(labels), surface=True)
     metrics.add(sample_id, prediction, truth)
     return metrics.rows()[0]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table of a summary, as printed by ``medseg evaluate``."""
+    """A plain-text table of a summary, as printed by ``medseg evaluate``; a multi-class one
+    (with ``per_class``) also gets a table with one row per class and their mean."""
     width = max(len(label) for label, _ in SUMMARY_TABLE)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in SUMMARY_TABLE]
+    if "per_class" in summary:
+        lines += ["", *_class_table(summary)]
     worst = ", ".join(f"{case['id']} ({case['dice']:.3f})" for case in summary["worst"])
     lines.append(f"{summary['images']} images; lowest Dice: {worst}")
     return "\n".join(lines)
 
 
-def _write_report(path: Path, summary, rows, pairs: list[Sample], predictor) -> None:
+def _class_table(summary: dict[str, Any]) -> list[str]:
+    rows = class_rows(summary)
+    width = max(len("class"), *(len(name) for name, _ in rows))
+    cell = max(len(heading) for heading, _ in PER_CLASS_TABLE)
+    header = "  ".join(f"{heading:>{cell}}" for heading, _ in PER_CLASS_TABLE)
+    lines = [
+        f"{'class':<{width}}  {header}",
+        f"{'-' * width}  " + "  ".join(["-" * cell] * len(PER_CLASS_TABLE)),
+    ]
+    for name, scores in rows:
+        cells = "  ".join(f"{scores[key]:>{cell}.4f}" for _, key in PER_CLASS_TABLE)
+        lines.append(f"{name:<{width}}  {cells}")
+    return lines
+
+
+def _write_report(
+    path: Path, summary, rows, pairs: list[Sample], predictor, *, channels: int, labels
+) -> None:
     """Predict again only the best, median and worst pairs, and write the HTML page."""
     cases = {}
     for kind, indices in pick_cases(rows).items():
         chosen = [pairs[i] for i in indices]
-        images, masks = _read_pairs(chosen)
+        images, masks = _read_pairs(chosen, channels=channels, labels=labels)
         predictions = predictor.masks(images)
         cases[kind] = [
             (sample.id, image, mask, prediction)
@@ -141,14 +220,21 @@ def _write_report(path: Path, summary, rows, pairs: list[Sample], predictor) -> 
                 chosen, images, masks, predictions, strict=True
             )
         ]
-    write_report(path, summary, rows, cases, table=list(SUMMARY_TABLE))
+    write_report(
+        path, summary, rows, cases, table=list(SUMMARY_TABLE),
+        class_table=list(PER_CLASS_TABLE), labels=predictor.config.data.labels,
+    )  # fmt: skip
 
 
-def _read_pairs(samples: list[Sample]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """uint8 (H, W, 3) images and bool (H, W) masks; a pair of two sizes fails with its names."""
+def _read_pairs(
+    samples: list[Sample], *, channels: int, labels: Sequence[str]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """uint8 (H, W, channels) images and uint8 (H, W) class values (`read_target`); a pair of
+    two sizes fails with its names."""
     images, masks = [], []
     for sample in samples:
-        image, mask = read_image(sample.image), read_mask(sample.mask)
+        image = read_image(sample.image, channels=channels)
+        mask = read_target(sample.mask, labels)
         if image.shape[:2] != mask.shape:
             check_pair(sample)
         images.append(image)

@@ -1,8 +1,8 @@
 """An evaluation report as one self-contained HTML page: it opens offline, anywhere.
 
-The page holds the summary table, histograms of the per-image metrics, and overlays of the
-best, median and worst cases. Every picture is embedded as a PNG data URI, so the page can be
-mailed or archived alone.
+The page holds the summary table (and, for label maps, a table of the classes), histograms of
+the per-image metrics, and overlays of the best, median and worst cases. Every picture is
+embedded as a PNG data URI, so the page can be mailed or archived alone.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from medseg.files import write_text
-from medseg.visualize import overlay
+from medseg.visualize import class_colour, overlay
 
 HISTOGRAMS = (
     ("dice", "Dice", (0, 1)),
@@ -40,6 +41,15 @@ def pick_cases(rows: list[dict[str, Any]], *, per_kind: int = 2) -> dict[str, li
     }
 
 
+def class_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, scores) of each class of a multi-class summary, then ("mean", the summary).
+
+    The summary's own Dice, IoU, ... are the means over the classes, as every class is scored
+    on every image (`medseg.metrics`), so the mean row needs no arithmetic of its own.
+    """
+    return [*summary["per_class"].items(), ("mean", summary)]
+
+
 def write_report(
     path: str | Path,
     summary: dict[str, Any],
@@ -47,20 +57,34 @@ def write_report(
     cases: dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]],
     *,
     table: list[tuple[str, str]],
+    class_table: Sequence[tuple[str, str]] = (),
+    labels: Sequence[str] = (),
 ) -> Path:
-    """Write the page to ``path``; ``cases`` maps best/median/worst to (id, image, truth, prediction)."""
+    """Write the page to ``path``; ``cases`` maps best/median/worst to (id, image, truth, prediction).
+
+    ``table`` lists (label, summary key) rows; for a summary with ``per_class``, ``class_table``
+    lists (heading, key) columns of a table with one row per class. ``labels`` (class names by
+    value, ``config.data.labels``) with more than two names marks truth and prediction as label
+    maps, drawn in class colours (`medseg.visualize.class_colour`).
+    """
     dice_of = {row["id"]: row["dice"] for row in rows}
-    sections = [
-        "<h2>Summary</h2>",
-        _summary_table(summary, table),
+    label_maps = len(labels) > 2
+    sections = ["<h2>Summary</h2>", _summary_table(summary, table)]
+    if "per_class" in summary and class_table:
+        sections += ["<h2>Per class</h2>", _class_table(summary, class_table)]
+    sections += [
         "<h2>Distributions over images</h2>",
         f'<img alt="metric histograms" src="{_png_uri(_histograms(rows))}">',
     ]
+    legend = _legend(labels) if label_maps else "(green: prediction, magenta: ground truth)"
     for kind, examples in cases.items():
         sections.append(f"<h2>{kind.capitalize()} cases</h2>")
         for sample_id, image, truth, prediction in examples:
-            picture = _side_by_side(image, truth, prediction)
-            caption = f"{html.escape(sample_id)}: Dice {dice_of[sample_id]:.3f} (green: prediction, magenta: ground truth)"
+            if label_maps:
+                picture = _three_panels(image, truth, prediction)
+            else:
+                picture = _side_by_side(image, truth, prediction)
+            caption = f"{html.escape(sample_id)}: Dice {dice_of[sample_id]:.3f} {legend}"
             sections.append(
                 f'<figure><img alt="{html.escape(sample_id)}" src="{_png_uri(picture)}"><figcaption>{caption}</figcaption></figure>'
             )
@@ -85,6 +109,27 @@ def _summary_table(summary: dict[str, Any], table: list[tuple[str, str]]) -> str
     return f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table><p>{summary['images']} images; lowest Dice: {worst}</p>"
 
 
+def _class_table(summary: dict[str, Any], columns: Sequence[tuple[str, str]]) -> str:
+    headings = "".join(f"<th>{html.escape(heading)}</th>" for heading, _ in columns)
+    cells = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{scores[key]:.4f}</td>" for _, key in columns)
+        + "</tr>"
+        for name, scores in class_rows(summary)
+    )
+    return f"<table><tr><th>class</th>{headings}</tr>{cells}</table>"
+
+
+def _legend(labels: Sequence[str]) -> str:
+    """HTML: "left to right: ..." and a colour swatch before each foreground class's name."""
+    swatches = ", ".join(
+        f'<span style="color:rgb{class_colour(value)}">&#9632;</span> {html.escape(name)}'
+        for value, name in enumerate(labels)
+        if value > 0
+    )
+    return f"(left to right: image, ground truth, prediction; {swatches})"
+
+
 def _histograms(rows: list[dict[str, Any]]) -> Figure:
     figure = Figure(figsize=(12, 3), layout="constrained")
     FigureCanvasAgg(figure)
@@ -98,9 +143,27 @@ def _histograms(rows: list[dict[str, Any]]) -> Figure:
 
 
 def _side_by_side(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    outlined = overlay(image, prediction, color=(0, 255, 0), contour_color=(0, 160, 0))
+    rgb = _rgb(image)
+    outlined = overlay(rgb, prediction, color=(0, 255, 0), contour_color=(0, 160, 0))
     outlined = overlay(outlined, truth, alpha=0.0, contour_color=(255, 0, 255))
-    return np.concatenate([image, outlined], axis=1)
+    return np.concatenate([rgb, outlined], axis=1)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W, 3) image as it is; a gray (H, W) or (H, W, 1) one in three channels, so
+    it sits beside its colour overlays."""
+    gray = image if image.ndim == 2 else image[..., 0] if image.shape[2] == 1 else None
+    return image if gray is None else np.repeat(gray[..., None], 3, axis=2)
+
+
+def _three_panels(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Image, ground truth and prediction side by side, the label maps in class colours."""
+    rgb = _rgb(image)
+    # No labels: overlay would add a legend strip below each panel, and the page has its own.
+    # A map holding only class 1 then reads as binary, so it is given class 1's colour.
+    one = class_colour(1)
+    panels = [overlay(rgb, mask, color=one, contour_color=one) for mask in (truth, prediction)]
+    return np.concatenate([rgb, *panels], axis=1)
 
 
 def _png_uri(picture: Figure | np.ndarray) -> str:
