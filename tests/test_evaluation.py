@@ -197,6 +197,56 @@ def test_evaluate_folder_writes_consistent_summary_and_rows(
     )
 
 
+# What the tiny checkpoint scored on synthetic_root's test/ before label maps existed (commit
+# 3a1e4c8): binary checkpoints keep these files, values and keys. The untrained network calls
+# every pixel foreground, far from the threshold, so no pixel sits on a rounding edge.
+PINNED_PER_IMAGE_CSV = """\
+id,dice,iou,accuracy,sensitivity,specificity,hd95,assd,tp,fp,fn,tn
+SYN_0012,0.327139,0.195557,0.195557,1,0,39.1278,19.4352,801,3295,0,0
+SYN_0013,0.200747,0.111572,0.111572,1,0,46.0402,23.6126,457,3639,0,0
+SYN_0014,0.515673,0.347412,0.347412,1,0,24.0987,14.0855,1423,2673,0,0
+SYN_0015,0.342036,0.206299,0.206299,1,0,32.5798,19.1176,845,3251,0,0
+"""
+PINNED_SUMMARY = {
+    "images": 4,
+    "dice": 0.34639874484937205,
+    "dice_median": 0.33458754491482234,
+    "iou": 0.2152099609375,
+    "iou_median": 0.200927734375,
+    "accuracy": 0.2152099609375,
+    "accuracy_median": 0.200927734375,
+    "sensitivity": 1.0,
+    "sensitivity_median": 1.0,
+    "specificity": 0.0,
+    "specificity_median": 0.0,
+    "hd95": 35.4616142384717,
+    "hd95_median": 35.853765697738886,
+    "assd": 19.062729002362172,
+    "assd_median": 19.276424629005895,
+    "dice_pooled": 0.3541938724259166,
+    "iou_pooled": 0.2152099609375,
+    "thresholded_jaccard": 0.0,
+    "worst": [
+        {"id": "SYN_0013", "dice": 0.2007467603777729},
+        {"id": "SYN_0012", "dice": 0.3271390647335103},
+        {"id": "SYN_0015", "dice": 0.3420360250961344},
+        {"id": "SYN_0014", "dice": 0.5156731291900707},
+    ],
+    "tta": "flip",
+    "postprocess": False,
+}
+
+
+def test_binary_evaluation_is_pinned_to_before_label_maps(
+    tiny_checkpoint, synthetic_root, tmp_path
+):
+    summary = evaluate_folder(tiny_checkpoint, synthetic_root, tmp_path, progress=False)
+    assert (tmp_path / "per_image.csv").read_text() == PINNED_PER_IMAGE_CSV
+    del summary["checkpoint"], summary["data"]
+    assert summary == PINNED_SUMMARY
+    assert list(summary) == list(PINNED_SUMMARY)
+
+
 def _probabilities(checkpoint, folder):
     """The predictor's (H, W) probability maps for the images of `folder`, in pair order."""
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
