@@ -460,7 +460,7 @@ def test_cached_items_come_from_the_cache(samples, monkeypatch):
     monkeypatch.setattr("medseg.data.folder.read_image", fail)
     item = dataset[3]
     assert item["id"] == "SYN_0003"
-    assert torch.equal(item["mask"][0], torch.from_numpy(cache.get(3)[1]).float())
+    assert torch.equal(item["mask"][0], torch.from_numpy(cache.get(3)[1].copy()).float())
 
 
 def test_two_images_with_one_id_are_refused(tmp_path):

@@ -172,7 +172,7 @@ TRAIN_FLAGS = {
         "early stopping patience in epochs (0: off)",
     ),
     "--seed": ("train.seed", non_negative_int, "random seed"),
-    "--device": ("train.device", str, "auto, cpu, cuda, cuda:N"),
+    "--device": ("train.device", str, "auto, cpu, mps, cuda, cuda:N"),
     "--image-size": ("data.image_size", positive_int, "side of the square network input"),
     "--augment": ("data.augment", str, "training augmentation"),
     "--num-workers": ("data.num_workers", non_negative_int, "DataLoader worker processes"),

@@ -193,7 +193,8 @@ def gather_objects(value: Any, ranks: Ranks) -> list[Any]:
 
 
 def all_gather_counts(counts: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """Concatenate every rank's per-image confusion counts (M_r, 4) into one (M, 4) tensor."""
+    """Concatenate every rank's per-image confusion counts, (M_r, 4) or (M_r, C, 4), along the
+    images: (M, ...)."""
     return torch.cat(gather_objects(counts.cpu(), ranks))
 
 

@@ -121,6 +121,7 @@ def fit(
     setup = TrainingSetup.build(
         config, data_root, pretrained=None if checkpoint is None else False, progress=progress
     )
+    config = setup.config  # as planned from the data
     state = TrainingState(setup)
     if checkpoint is not None:
         state.load_state_dict(checkpoint, path=run.last)
@@ -330,10 +331,10 @@ class TrainingSetup:
         val_loss, val_metrics = evaluate_loader(
             self.model, self.val_loader, loss_fn=self.loss_fn, device=self.device,
             precision=self.precision, threshold=settings.threshold,
-            channels_last=settings.channels_last,
+            labels=self.config.data.labels, channels_last=settings.channels_last,
         )  # fmt: skip
         counts = all_gather_counts(val_metrics.counts, self.ranks)
-        summary = MetricAccumulator.from_counts(counts).summary()
+        summary = MetricAccumulator.from_counts(counts, classes=val_metrics.classes).summary()
         row = {
             "epoch": epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
