@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import medseg
-from medseg.config import Config, build_config
+from medseg.config import build_config
+from medseg.data.plan import MIN_EPOCHS
 from medseg.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,9 +80,9 @@ def main() -> int:
         overrides = {"model.pretrained": False}
         if args.epochs or args.quick:
             overrides["train.epochs"] = 1 if args.quick else args.epochs
-        elif args.same_budget and build_config(preset=preset).train.epochs != Config().train.epochs:
+        elif args.same_budget and build_config(preset=preset).train.epochs != MIN_EPOCHS:
             # Same network, same step cost: equal epochs are an equal time budget.
-            overrides["train.epochs"] = Config().train.epochs
+            overrides["train.epochs"] = MIN_EPOCHS
         name = preset + (f"-{overrides['train.epochs']}ep" if "train.epochs" in overrides else "")
         run = args.out / name
         train_seconds = _train(preset, data, run, overrides)

@@ -13,10 +13,15 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
   least `ROUND_TRIP_DICE`: thin structures (clavicles, vessels) decide it.
 - Augmentation: "default" (flips and turns) for binary masks; "anatomy" (no flips) for label
   maps, whose classes often have a side (a right and a left lung).
+- Epochs (`planned_epochs`, once the batches are known): `MIN_EPOCHS`, the default recipe's
+  (ISIC: 95 steps an epoch), or as many as make `MIN_STEPS` optimizer steps on a small data
+  set (JSRT's 112 training images are 7 steps an epoch), as nnU-Net fixes the number of
+  iterations rather than of epochs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +37,8 @@ BINARY_IMAGE_SIZE = 160
 SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
 ROUND_TRIP_DICE = 0.96
 FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
+MIN_EPOCHS = 50
+MIN_STEPS = 750
 
 
 def plan(config: Config, data_root: str | Path) -> Config:
@@ -61,6 +68,18 @@ def plan(config: Config, data_root: str | Path) -> Config:
     if notes:
         print(f"plan from the data: {describe_classes(planned)}; " + "; ".join(notes))
     return planned
+
+
+def planned_epochs(config: Config, steps_per_epoch: int) -> Config:
+    """``config`` with ``train.epochs`` planned when it is 0 (see the module docstring)."""
+    if config.train.epochs:
+        return config
+    epochs = max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(steps_per_epoch, 1)))
+    print(
+        f"plan from the data: {epochs} epochs of {steps_per_epoch} steps "
+        f"(at least {MIN_EPOCHS} epochs and {MIN_STEPS} steps)"
+    )
+    return replace(config, train=replace(config.train, epochs=epochs))
 
 
 def augmentation_for(labels: list[str] | tuple[str, ...]) -> str:

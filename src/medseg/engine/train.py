@@ -27,7 +27,7 @@ from medseg.config import Config, DataConfig, config_from_dict, read_saved_confi
 from medseg.data.cache import prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
-from medseg.data.plan import describe_classes, plan
+from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.engine.checkpoint import (
@@ -292,6 +292,7 @@ class TrainingSetup:
         train_loader, val_loader = build_loaders(
             config, data_root, ranks, device, progress=progress and ranks.is_main
         )
+        config = planned_epochs(config, steps_per_epoch=len(train_loader))
         model = DeepLabV3Plus.from_config(config.model, pretrained=pretrained)
         if settings.sync_bn:
             model = sync_batchnorm(model, device=device, ranks=ranks)
