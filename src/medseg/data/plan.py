@@ -38,7 +38,7 @@ SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
 ROUND_TRIP_DICE = 0.96
 FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
 MIN_EPOCHS = 50
-MIN_STEPS = 750
+MIN_STEPS = 600
 
 
 def plan(config: Config, data_root: str | Path) -> Config:
