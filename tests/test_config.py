@@ -155,7 +155,7 @@ def test_wrong_types_name_the_key(dotted, value, message):
         ("train.seed", -1, r"train.seed=-1 is impossible; it must be at least 0"),
         ("train.device", "foo", r"foo"),
         ("train.batch_size", 0, r"train.batch_size=0 is impossible; it must be at least 1"),
-        ("train.epochs", 0, r"train.epochs=0 is impossible"),
+        ("train.epochs", -1, r"train.epochs=-1 is impossible"),
         ("data.image_size", 16, r"data.image_size=16 is impossible; it must be at least 32"),
         ("data.val_fraction", 1.0, r"data.val_fraction=1.0 is impossible; it must be .* below 1"),
         ("train.threshold", 1.0, r"train.threshold=1.0 is impossible; it must be .* below 1"),

@@ -1,4 +1,4 @@
-"""medseg: DeepLabv3+ for binary medical image segmentation.
+"""medseg: DeepLabv3+ for 2D medical image segmentation, binary masks or multi-class label maps.
 
 The command line (``medseg train|evaluate|predict|visualize|prepare|demo``) and this API do the
 same things; see README.md.

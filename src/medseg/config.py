@@ -83,8 +83,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms, for bit-identical reruns
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    compile: bool = False  # torch.compile the training network; off: not measured faster yet
+    device: str = "auto"  # "auto", "cpu", "mps", "cuda", "cuda:1", ...
+    compile: bool = False  # torch.compile the training network (slower on CPUs: README Performance)
     sync_bn: bool = False  # SyncBatchNorm across ranks (torchrun on GPUs); small per-GPU batches
 
 

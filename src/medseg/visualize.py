@@ -27,6 +27,7 @@ from matplotlib.patheffects import withStroke
 
 from medseg.errors import MedsegError
 from medseg.files import atomic_path
+from medseg.metrics import binarize
 
 # Green and magenta stay distinct for the common forms of colour blindness.
 PREDICTION_COLOR = (0, 255, 0)
@@ -373,24 +374,24 @@ def _is_label_map(mask: np.ndarray, labels: list[str] | tuple[str, ...] | None) 
 
 
 def _as_label_map(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {mask.shape} but the image is {tuple(shape)}; "
-            "resize it to the image first"
-        )
+    mask = _of_shape(mask, shape, name)
     if mask.size and (mask.min() < 0 or mask.max() > 255):
         raise ValueError(f"{name} holds values outside 0..255, so it is no 8-bit label map")
     return mask.astype(np.uint8)
 
 
 def _as_bool_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
+    mask = _of_shape(mask, shape, name)
+    if np.issubdtype(mask.dtype, np.floating):
+        return binarize(mask)
+    return mask != 0
+
+
+def _of_shape(mask: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
         raise ValueError(
             f"{name} has shape {mask.shape} but the image is {tuple(shape)}; "
             "resize it to the image first"
         )
-    if np.issubdtype(mask.dtype, np.floating):
-        return mask >= 0.5
-    return mask != 0
+    return mask
