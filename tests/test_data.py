@@ -80,8 +80,14 @@ def test_read_image_16_bit_scales_the_full_range(tmp_path):
     image = read_image(path)
     assert image.shape == (2, 2, 3)
     assert image.dtype == np.uint8
-    np.testing.assert_array_equal(image[..., 0], [[0, 255], [127, 4]])
+    np.testing.assert_array_equal(image[..., 0], [[0, 255], [128, 4]])  # rounded
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_read_image_windows_a_12_bit_radiograph_to_its_own_range(tmp_path):
+    pixels = np.array([[100, 4095], [2097, 100]], np.uint16)  # 12 bits used of 16
+    image = read_image(save(pixels, tmp_path / "xray.png"), channels=1)
+    np.testing.assert_array_equal(image[..., 0], [[0, 255], [127, 0]])  # not 0..15: black
 
 
 def test_read_mask_cuts_8_bit_masks_at_half(tmp_path):

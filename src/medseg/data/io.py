@@ -1,7 +1,8 @@
 """Reading images and masks from disk into the arrays the rest of medseg expects.
 
 Images become uint8 RGB (H, W, 3) whatever their mode: grayscale, palette, RGBA (composited
-on white, as a viewer shows it), 16-bit (scaled to 8 bits). Masks become bool (H, W).
+on white, as a viewer shows it), 16-bit (windowed per image to 8 bits); or uint8 gray
+(H, W, 1) for a grayscale data set. Masks become bool (H, W).
 
 How a mask is read: a pixel is foreground when its value is above half the largest value its
 bit depth allows (above 127 for 8-bit masks), so the soft edges that resizing leaves are cut in
@@ -194,13 +195,22 @@ def _check_regular_file(path: Path) -> None:
         raise MedsegError(f"{path} is empty (0 bytes); replace it or remove it")
 
 
+def _window_16_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit gray as 8 bits, windowed per image: its lowest value to 0, its highest to 255.
+
+    X-ray and CT exports use 10 to 16 of the 16 bits; scaling by the whole 16-bit range would
+    turn a 12-bit radiograph (0..4095) into 0..15, nearly black. Values that fit 8 bits
+    already are kept as they are.
+    """
+    low, high = float(values.min()), float(values.max())
+    if high <= 255:
+        return values.astype(np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale the full range to 8 bits rather than clipping at 255.
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if values.max() > 255 else 1.0
-        gray = np.clip(values * scale, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return np.repeat(_window_16_bit(np.asarray(image, dtype=np.float64))[..., None], 3, axis=2)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
