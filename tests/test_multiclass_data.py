@@ -188,3 +188,14 @@ def test_real_jsrt_label_maps_plan_and_cache(small_jsrt, capsys):
     )
     assert cache.images.shape == (6, 64, 64, 1)
     assert set(np.unique(np.asarray(cache.masks))) == set(range(6))
+
+
+def test_a_label_map_of_another_size_than_its_image_is_refused(capsys, label_map_root, tmp_path):
+    (pair, *_) = find_pairs(label_map_root / "train")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(pair.mask)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(label_map_root), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"mask {pair.mask.name} is 48×40 but image {pair.image.name} is 48×48" in err
+    assert not out.exists()
