@@ -187,3 +187,25 @@ def test_training_with_compile_survives_a_failing_compiler(synthetic_root, tmp_p
     summary = fit(config, synthetic_root, tmp_path / "run", progress=False)
     assert summary["epochs"] == 1
     assert (tmp_path / "run/checkpoints/last.pt").is_file()
+
+
+def test_the_allocator_is_tuned_by_the_inference_commands_only(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    from medseg.cli import main
+    from medseg.engine import runtime
+
+    probe = "from medseg.engine.runtime import tune_allocator; print(tune_allocator())"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "True"  # glibc here: mallopt took every setting
+    monkeypatch.setenv("MEDSEG_TUNE_MALLOC", "0")
+    assert runtime.tune_allocator() is False  # the way out
+
+    tuned = []
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: tuned.append(True))
+    missing = str(tmp_path / "missing.pt")
+    main(["predict", "--checkpoint", missing, "-i", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert tuned == [True]
+    main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+    assert tuned == [True]  # training keeps glibc's defaults

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import inspect
 import os
@@ -77,6 +78,31 @@ def select_device(name: str = "auto") -> torch.device:
             f"device {name!r} was asked for but Apple's MPS is not available; use --device cpu"
         )
     return device
+
+
+def tune_allocator() -> bool:
+    """Keep the C allocator's freed memory for the next forward pass (glibc only).
+
+    glibc serves large blocks (a batch's activations) with fresh ``mmap``s and returns them on
+    free, so every forward pass pays page faults and zeroing for the same memory again; a
+    process only stops doing so once a large free raises glibc's dynamic threshold. Serving
+    every block from the heap and trimming it only past 1 GiB makes a fresh process run at the
+    speed of a warm one (README Performance). Process-wide, so the command line calls it for its
+    own process; importing medseg does not. Returns whether it applied (False without glibc,
+    or with ``MEDSEG_TUNE_MALLOC=0``).
+    """
+    if os.environ.get("MEDSEG_TUNE_MALLOC", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: macOS, Windows, musl
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 1 << 28))
+    )
 
 
 def cpu_has_fast_bfloat16() -> bool:
