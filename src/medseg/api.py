@@ -19,6 +19,8 @@ from medseg.data.plan import plan
 from medseg.engine.train import fit
 from medseg.errors import MedsegError
 from medseg.evaluation import evaluate_folder, format_summary, score_pair
+from medseg.exports.writer import OPSET
+from medseg.exports.writer import export as export_model
 from medseg.files import check_writable
 from medseg.inference import DEFAULT_TTA, PredictionReport, Predictor
 from medseg.inference import predict as predict_files
@@ -120,6 +122,30 @@ def visualize(
     return paths
 
 
+def export(
+    *,
+    checkpoint: str | Path,
+    out: str | Path,
+    format: str = "safetensors",
+    quantize: str | None = None,
+    calibration: str | Path | None = None,
+    overwrite: bool = False,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    """Ship a checkpoint (a .pt file or a run folder) as a folder ``out`` with a model card.
+
+    ``format`` "safetensors" writes model.safetensors and config.json (load them with
+    `Predictor.from_pretrained` or `DeepLabV3Plus.from_pretrained`); "onnx" writes model.onnx
+    and medseg.json (onnxruntime), ``quantize="int8"`` calibrated on the images in
+    ``calibration``. Every prediction command accepts the folder as its checkpoint. Returns
+    what was written (see `medseg.exports.writer.export`).
+    """
+    return export_model(
+        checkpoint, out, format=format, quantize=quantize, calibration=calibration,
+        overwrite=overwrite, opset=opset,
+    )  # fmt: skip
+
+
 def prepare_data(
     data: str | Path,
     *,
@@ -198,4 +224,4 @@ def demo(
     return {"train": result, "test": summary}
 
 
-__all__ = ["demo", "evaluate", "predict", "prepare_data", "train", "visualize"]
+__all__ = ["demo", "evaluate", "export", "predict", "prepare_data", "train", "visualize"]

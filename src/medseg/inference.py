@@ -4,9 +4,11 @@
 the network's size, normalise, run (optionally averaging flipped and rotated views), and resize
 the probabilities back. A binary model gives one foreground probability per pixel, cut at a
 threshold; a K-class model gives K probabilities per pixel, and the mask is their arg-max (a
-label map of class indices). ``predict`` writes one PNG mask per image (0/255, or the class
-index), atomically, skipping masks already written (so an interrupted folder resumes) and
-listing images it could not read.
+label map of class indices). The network is a PyTorch module, or an exported model's
+onnxruntime session behind the same call (batch in, logits out: `medseg.exports.onnx_runtime`),
+so everything around it is the same code for both. ``predict`` writes one PNG mask per image
+(0/255, or the class index), atomically, skipping masks already written (so an interrupted
+folder resumes) and listing images it could not read.
 A record of the checkpoint and settings in the output folder (``.medseg-predict.json``) makes
 sure that a resumed run only keeps masks made the same way; other earlier results are refused.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from medseg.data.transforms import FLIPPING_AUGMENTATIONS, eval_transform, resiz
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
 from medseg.errors import MedsegError
+from medseg.exports.onnx_runtime import load_onnx, onnx_paths
+from medseg.exports.pretrained import CONFIG_NAME, WEIGHTS_NAME, is_pretrained, load_pretrained
 from medseg.files import atomic_path, check_writable, remove_partial_files, write_text
 from medseg.metrics import binarize
 from medseg.progress import progress_bar
@@ -122,6 +126,10 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+# What a Predictor runs: a float (N, C, H, W) batch, normalised, to logits (N, K, H, W).
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Predictor:
     """A trained model ready to segment uint8 images of any size, colour or gray.
@@ -130,9 +138,11 @@ class Predictor:
     ``threshold``; None takes the checkpoint's own (``config.train.threshold``). A K-class model
     gives K class probabilities and arg-max label maps; it has no threshold. ``tta`` "auto"
     becomes the checkpoint's mode (`resolve_tta`); ``self.tta`` holds the mode that runs.
+    ``model`` is a PyTorch module, or any other `Network` (an ONNX session: run as given, on
+    the CPU, never compiled).
     """
 
-    model: torch.nn.Module
+    model: torch.nn.Module | Network
     config: Config
     device: torch.device
     precision: Precision
@@ -155,6 +165,16 @@ class Predictor:
         self.transform = eval_transform(
             self.config.data.image_size, channels=self.config.data.channels
         )
+        if not isinstance(self.model, torch.nn.Module):
+            if self.compile:
+                raise MedsegError(
+                    "--compile applies to PyTorch models; an ONNX model runs as exported "
+                    "through onnxruntime, so leave --compile out"
+                )
+            self.memory_format = torch.contiguous_format  # what onnxruntime reads
+            self.network = self.model
+            return
+        self.memory_format = torch.channels_last
         self.model.eval().to(self.device, memory_format=torch.channels_last)
         # Freezing lets the compiler treat the weights as constants: BatchNorm folds into the
         # convolutions and the weights are laid out once for the CPU's matrix kernels. It
@@ -175,21 +195,58 @@ class Predictor:
         compile: bool = False,
         threshold: float | None = None,
     ) -> Predictor:
-        """Load ``path`` (a .pt file or a run folder); ``threshold`` None: the checkpoint's."""
+        """Load ``path``; ``threshold`` None: the checkpoint's.
+
+        ``path`` is a .pt file or a run folder, a pretrained folder (config.json and
+        model.safetensors: `from_pretrained`), or an ONNX export (its folder, or its .onnx file
+        with medseg.json beside it), which runs through onnxruntime on the CPU in float32.
+        """
         check_threshold(threshold)  # before the seconds spent loading
-        state = load_checkpoint(path)
-        model, config = model_from_checkpoint(state, path=path)
+        options = dict(tta=tta, postprocess=postprocess, compile=compile, threshold=threshold)
+        if is_pretrained(path):
+            model, config = load_pretrained(path)
+            if config.data.image_size == 0:
+                raise MedsegError(
+                    f"{path}/{CONFIG_NAME} holds the model's arguments but no input size (it "
+                    f"was saved without the run's config); save it with save_pretrained(folder, "
+                    f"config=the run's config), or export the checkpoint with medseg export"
+                )
+        elif onnx_paths(path) is not None:
+            return cls._from_onnx(path, device=device, precision=precision, **options)
+        else:
+            state = load_checkpoint(path)
+            model, config = model_from_checkpoint(state, path=path)
         torch_device = select_device(device)
         return cls(
-            model,
-            config,
-            torch_device,
-            select_precision(precision, torch_device),
-            tta=tta,
-            postprocess=postprocess,
-            compile=compile,
-            threshold=threshold,
+            model, config, torch_device, select_precision(precision, torch_device), **options
         )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options) -> Predictor:
+        """A Predictor for an exported folder: `save_pretrained`'s (config.json and
+        model.safetensors) or an ONNX export; ``options`` as for `from_checkpoint`."""
+        if not (is_pretrained(path) or onnx_paths(path)):
+            raise MedsegError(
+                f"{path} is not an exported medseg model ({CONFIG_NAME} and {WEIGHTS_NAME}, or "
+                f"model.onnx and medseg.json); export one with medseg export, or load a .pt "
+                f"file or run folder with Predictor.from_checkpoint"
+            )
+        return cls.from_checkpoint(path, **options)
+
+    @classmethod
+    def _from_onnx(cls, path, *, device: str, precision: str, **options) -> Predictor:
+        if device not in ("auto", "cpu"):
+            raise MedsegError(
+                f"{path} is an ONNX model, which runs on the CPU through onnxruntime; leave "
+                f"--device out (or pass cpu), or use the PyTorch checkpoint on {device}"
+            )
+        if precision not in ("auto", "fp32"):
+            raise MedsegError(
+                f"{path} is an ONNX model, which runs at the precision it was exported in; "
+                f"leave the precision out (or pass fp32)"
+            )
+        network, config, _ = load_onnx(path)
+        return cls(network, config, torch.device("cpu"), Precision("fp32", None), **options)
 
     @property
     def multi_class(self) -> bool:
@@ -201,6 +258,14 @@ class Predictor:
         """Class names by label value (``config.data.labels``); empty for binary masks."""
         return list(self.config.data.labels)
 
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """What the network is fed: float32 (N, C, S, S), resized to the checkpoint's size S
+        and normalised, on the CPU. ``images`` as for `probabilities`."""
+        channels = self.config.data.channels
+        return torch.stack(
+            [self.transform(image=to_channels(image, channels))["image"] for image in images]
+        )
+
     @torch.no_grad()
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Probabilities at each image's own size: float32 (H, W) of the foreground for a binary
@@ -209,11 +274,7 @@ class Predictor:
         ``images`` are uint8 (H, W, 3) or (H, W[, 1]) gray (`to_channels`). Each TTA view's
         softmax (or sigmoid) is turned back and averaged before the resize to the image's size.
         """
-        channels = self.config.data.channels
-        batch = torch.stack(
-            [self.transform(image=to_channels(image, channels))["image"] for image in images]
-        )
-        batch = batch.to(self.device, memory_format=torch.channels_last)
+        batch = self.preprocess(images).to(self.device, memory_format=self.memory_format)
         views = tta_views(self.tta)
         outputs = self.config.model.num_classes
         total = torch.zeros(batch.shape[0], outputs, *batch.shape[-2:], device=self.device)
@@ -357,7 +418,7 @@ def predict(
         threshold=threshold,
     )
     record = {
-        "checkpoint_sha256": _sha256(resolve_checkpoint(checkpoint)),
+        "checkpoint_sha256": file_sha256(model_file(checkpoint)),
         "tta": predictor.tta,  # resolved: "auto" is recorded as the mode it ran
         "postprocess": postprocess,
         "threshold": predictor.threshold,  # resolved: the checkpoint's unless one was given
@@ -437,7 +498,16 @@ def _check_earlier_results(output: Path, record: dict, masks: list[Path]) -> Non
         )
 
 
-def _sha256(path: Path) -> str:
+def model_file(checkpoint: str | Path) -> Path:
+    """The file holding the weights ``checkpoint`` names (see `Predictor.from_checkpoint`)."""
+    if is_pretrained(checkpoint):
+        return Path(checkpoint) / WEIGHTS_NAME
+    onnx = onnx_paths(checkpoint)
+    return onnx[0] if onnx is not None else resolve_checkpoint(checkpoint)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (checkpoints are hundreds of megabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

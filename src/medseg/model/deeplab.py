@@ -14,7 +14,7 @@ from medseg.model.backbone import build_backbone
 from medseg.model.decoder import Decoder
 
 if TYPE_CHECKING:
-    from medseg.config import ModelConfig
+    from medseg.config import Config, ModelConfig
 
 
 # Model settings added after checkpoints had been written, with the value those older runs
@@ -86,6 +86,27 @@ class DeepLabV3Plus(nn.Module):
             aspp_dropout=config.aspp_dropout,
             separable=config.separable,
         )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DeepLabV3Plus:
+        """The network `save_pretrained` (or ``medseg export --format safetensors``) wrote into
+        ``folder``, in eval mode; only JSON and raw tensors are read, nothing is unpickled."""
+        from medseg.exports.pretrained import load_pretrained  # it builds this class
+
+        model, _ = load_pretrained(folder)
+        return model
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, config: Config | None = None, **options
+    ) -> os.PathLike:
+        """Write model.safetensors, config.json and a model card into ``folder``.
+
+        ``config`` is the run's resolved `medseg.config.Config`, which a Predictor needs (input
+        size, classes, threshold); ``options``: see `medseg.exports.pretrained.save_pretrained`.
+        """
+        from medseg.exports.pretrained import save_pretrained
+
+        return save_pretrained(self, folder, config=config, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)

@@ -1,0 +1,361 @@
+"""`export`: a checkpoint as a pretrained folder (safetensors) or an ONNX model, with its card.
+
+Every export is written into a staging folder beside the output and moved into place only
+when complete (`medseg.exports.folder.staged_export`), so a failed or killed export leaves the
+output folder as it was. An ONNX graph is checked against the PyTorch model on a batch before
+it is kept; an int8 model is calibrated on images preprocessed by the Predictor itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import Config
+from medseg.data.folder import list_images
+from medseg.data.io import read_image
+from medseg.data.transforms import normalisation
+from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from medseg.engine.runtime import Precision
+from medseg.errors import MedsegError
+from medseg.exports.card import Provenance, model_card
+from medseg.exports.folder import check_export_folder, medseg_version, require, staged_export
+from medseg.exports.onnx_runtime import (
+    FORMAT,
+    FORMAT_VERSION,
+    FP32_NAME,
+    INPUT_NAME,
+    META_NAME,
+    ONNX,
+    ONNX_NAME,
+    OUTPUT_NAME,
+    open_session,
+)
+from medseg.exports.pretrained import SAFETENSORS, save_pretrained
+from medseg.inference import Predictor, file_sha256, resolve_tta
+from medseg.model import DeepLabV3Plus
+
+FORMATS = ("safetensors", "onnx")
+QUANTIZATIONS = ("int8",)
+# ONNX opset 17: torch's exporter writes it since torch 1.13, and every onnxruntime the
+# extra allows (1.17 on) runs it; newer opsets add nothing this network uses.
+OPSET = 17
+CALIBRATION_IMAGES = 32  # int8 ranges from a few dozen images, spread over the folder
+ONNX_USAGE = """\
+```bash
+medseg predict --checkpoint THIS_FOLDER -i images/ -o masks/
+```
+
+```python
+import medseg
+
+predictor = medseg.Predictor.from_pretrained("THIS_FOLDER")  # runs through onnxruntime
+masks = predictor.masks([uint8_image])
+```
+
+Without medseg: feed `model.onnx` a float32 (N, C, H, W) image as medseg.json's `input` says
+(resize, scale to 0..1, subtract `mean`, divide by `std`), and read its logits as its `output`
+says (sigmoid and `threshold`, or arg-max over the classes)."""
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "safetensors",
+    quantize: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    opset: int = OPSET,
+) -> dict[str, Any]:
+    """Write ``checkpoint`` (a .pt file or a run folder) into the folder ``out`` as ``format``.
+
+    "safetensors": model.safetensors, config.json and README.md (`save_pretrained`). "onnx":
+    model.onnx (opset ``opset``, batch, height and width dynamic), medseg.json and README.md;
+    with ``quantize`` "int8", model.onnx is the int8 model calibrated on ``calibration`` (a
+    folder of images, or a data root whose train/images is used) and the float one is kept as
+    model-fp32.onnx. A folder that already holds a model is refused unless ``overwrite``.
+    Returns what was written: {"out", "format", "files", "source", "sha256", ...}.
+    """
+    _check_request(format, quantize, calibration, opset)
+    source = resolve_checkpoint(checkpoint)  # a run folder without best.pt is named here
+    check_export_folder(out, overwrite=overwrite)
+    calibration_paths = _calibration_images(calibration) if quantize else []
+    state = load_checkpoint(source)
+    model, config = model_from_checkpoint(state, path=source)
+    provenance = Provenance.of_checkpoint(
+        source, state, given=str(checkpoint), sha256=file_sha256(source)
+    )
+    tta = resolve_tta("auto", config)
+    result = {"out": str(out), "format": format, "source": str(source), "sha256": provenance.sha256}
+    if format == "safetensors":
+        save_pretrained(
+            model, out, config=config, overwrite=overwrite, provenance=provenance, tta=tta
+        )
+        return {**result, "files": ["model.safetensors", "config.json", "README.md"]}
+    with staged_export(out, overwrite=overwrite) as staging:
+        difference = _write_onnx(model, config, staging / ONNX_NAME, opset=opset)
+        files = {ONNX_NAME: {"precision": "fp32"}}
+        quantization = None
+        if quantize:
+            os.replace(staging / ONNX_NAME, staging / FP32_NAME)
+            quantization = _quantize_int8(
+                model, config, staging, calibration_paths, source=calibration
+            )
+            files = {ONNX_NAME: {"precision": "int8"}, FP32_NAME: {"precision": "fp32"}}
+        for name, described in files.items():
+            described["sha256"] = file_sha256(staging / name)
+        meta = _describe(config, provenance, tta=tta, opset=opset)
+        meta.update(
+            files=files,
+            verified_max_logit_difference=difference,
+            quantization=quantization,
+            config=meta.pop("config"),  # last: the long part
+        )
+        (staging / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        listed = ", ".join(
+            f"{name} ({described['precision']})" for name, described in files.items()
+        )
+        card = model_card(
+            config,
+            provenance,
+            files=f"{listed} for onnxruntime, {META_NAME} (how to feed it)",
+            tta=tta,
+            usage=ONNX_USAGE,
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    return {**result, "files": [*files, META_NAME, "README.md"], "quantization": quantization}
+
+
+def _check_request(
+    format: str, quantize: str | None, calibration: str | os.PathLike | None, opset: int
+) -> None:
+    """Refuse impossible options, and missing packages, before anything is loaded."""
+    if format not in FORMATS:
+        raise MedsegError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise MedsegError(
+            f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
+    if quantize and format != "onnx":
+        raise MedsegError(f"--quantize {quantize} applies to --format onnx, not {format}")
+    if quantize and calibration is None:
+        raise MedsegError(
+            f"--quantize {quantize} needs --calibration DIR: a folder of images like those the "
+            f"model will segment (or a data root, whose train/images is used)"
+        )
+    if calibration is not None and not quantize:
+        raise MedsegError("--calibration is for --quantize int8; add it or leave --calibration out")
+    if format == "onnx" and opset < OPSET:
+        raise MedsegError(f"--opset {opset} is too old; use {OPSET} or newer")
+    if format == "safetensors":
+        require("safetensors.torch", **SAFETENSORS)
+        return
+    for module in ("onnx", "onnxruntime", *(["onnxruntime.quantization"] if quantize else [])):
+        require(module, install=ONNX["install"], purpose="exporting to ONNX")
+
+
+def _calibration_images(calibration: str | os.PathLike) -> list[Path]:
+    """Up to `CALIBRATION_IMAGES` image files spread evenly over the calibration folder."""
+    root = Path(calibration)
+    if not root.is_dir():
+        raise MedsegError(f"calibration folder not found: {root}; pass a folder of images")
+    for folder in (root / "train" / "images", root / "images", root):
+        if folder.is_dir():
+            images = list_images(folder)
+            if images:
+                step = max(1, len(images) // CALIBRATION_IMAGES)
+                return images[::step][:CALIBRATION_IMAGES]
+    raise MedsegError(
+        f"no images found in {root} (nor in its images/ or train/images/); pass a folder of "
+        f"images like those the model will segment"
+    )
+
+
+def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int) -> float:
+    """Export ``model`` to ``path`` and check it against PyTorch (see `_verify`)."""
+    onnx = require("onnx", **ONNX)
+    size, channels = config.data.image_size, config.data.channels
+    model = model.eval().float()
+    example = torch.zeros(1, channels, size, size)
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    # The TorchScript exporter: it runs on every torch medseg supports (2.1 on), takes
+    # dynamic_axes, and needs no onnxscript; torch 2.9+ warns that it is no longer the default.
+    legacy = (
+        {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes={INPUT_NAME: dynamic, OUTPUT_NAME: dynamic},
+            **legacy,
+        )
+    # Shape inference loses the class count at the final Resize; it is fixed, so say so, and
+    # any runtime (and `onnx_runtime._check_graph`) can read it from the graph.
+    graph = onnx.load(str(path))
+    graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = config.model.num_classes
+    onnx.save(graph, str(path))
+    onnx.checker.check_model(str(path))
+    return _verify(model, path, channels=channels, size=size)
+
+
+def _verify(model: DeepLabV3Plus, path: Path, *, channels: int, size: int) -> float:
+    """The largest logit difference between the graph and PyTorch on a batch of two random
+    images at another size than the example it was traced with (batch, height and width are
+    dynamic); a graph that differs by more than float32 rounding is refused, not shipped."""
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(2, channels, size + 16, size, generator=generator)
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    try:
+        (logits,) = open_session(path).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+        found = float(np.abs(logits - expected).max())
+    except Exception as error:  # a graph fixed to the traced shape fails here, or broadcasts
+        found = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    if isinstance(found, str) or not found <= 1e-3 * (1 + float(np.abs(expected).max())):
+        raise MedsegError(
+            f"the ONNX graph does not reproduce the PyTorch model on a test batch ({found}); "
+            f"this is a bug with torch {torch.__version__}: export --format safetensors "
+            f"instead, and report it"
+        )
+    return found
+
+
+def _quantize_int8(
+    model: DeepLabV3Plus,
+    config: Config,
+    folder: Path,
+    images: list[Path],
+    *,
+    source: str | os.PathLike,
+) -> dict[str, Any]:
+    """Quantize folder/model-fp32.onnx into folder/model.onnx; describe how.
+
+    Static quantization in QDQ format (what onnxruntime's CPU kernels fuse), weights per
+    output channel as int8, activations as uint8 with ranges from the calibration images
+    (min-max), each preprocessed by the Predictor as prediction will.
+    """
+    quantization = require("onnxruntime.quantization", **ONNX)
+    # Preprocessed as `Predictor.probabilities` does; the Predictor runs nothing here.
+    predictor = Predictor(model, config, torch.device("cpu"), Precision("fp32", None), tta="none")
+    batches, unreadable = [], []
+    for path in images:
+        try:
+            image = read_image(path, channels=config.data.channels)
+        except MedsegError as error:
+            unreadable.append(str(error))
+            continue
+        batches.append(predictor.preprocess([image]).numpy())
+    if not batches:
+        raise MedsegError(
+            f"none of the {len(images)} calibration images in {source} could be read "
+            f"(first: {unreadable[0]}); pass a folder of readable images"
+        )
+
+    class Images(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    fp32, int8 = folder / FP32_NAME, folder / ONNX_NAME
+    # onnxruntime's recommended first step: shapes inferred and the exporter's constants folded
+    # into initializers, without which quantize_static leaves biases it cannot see unquantized.
+    prepared = folder / "prepared-for-quantization.onnx"
+    quantization.quant_pre_process(str(fp32), str(prepared))
+    quantization.quantize_static(
+        str(prepared),
+        str(int8),
+        Images(),
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        calibrate_method=quantization.CalibrationMethod.MinMax,
+    )
+    prepared.unlink()
+    return {
+        "type": "int8",
+        "format": "QDQ: weights int8 per output channel, activations uint8 (min-max ranges)",
+        "calibration_images": len(batches),
+        "calibration_source": str(source),
+        "unreadable_calibration_images": unreadable,
+        "fp32_model": FP32_NAME,
+        # How far int8 strays from float32 where it was calibrated (likely more elsewhere).
+        "calibration_probability_mae": _probability_difference(config, fp32, int8, batches),
+    }
+
+
+def _probability_difference(
+    config: Config, fp32: Path, int8: Path, batches: list[np.ndarray]
+) -> float:
+    """Mean absolute difference of the two graphs' probabilities (sigmoid or softmax)."""
+    sessions = [open_session(fp32), open_session(int8)]
+    differences = []
+    for batch in batches:
+        logits = [
+            torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+            for session in sessions
+        ]
+        if config.model.num_classes > 1:
+            probabilities = [values.softmax(1) for values in logits]
+        else:
+            probabilities = [torch.sigmoid(values) for values in logits]
+        differences.append(float((probabilities[0] - probabilities[1]).abs().mean()))
+    return float(np.mean(differences))
+
+
+def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -> dict[str, Any]:
+    """medseg.json: what any runtime needs around the graph, and the config medseg rebuilds from."""
+    data, model = config.data, config.model
+    mean, std = normalisation(data.channels)
+    binary = model.num_classes == 1
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medseg_version": medseg_version(),
+        "source_checkpoint_sha256": provenance.sha256,
+        "opset": opset,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", data.channels, "height", "width"],
+            "dtype": "float32",
+            "size": [data.image_size, data.image_size],
+            "channels": data.channels,
+            "channel_order": "RGB" if data.channels == 3 else "gray (ITU-R 601 luma of RGB)",
+            "resize": "to size, aspect ratio not kept: area averaging where it shrinks, "
+            "bilinear where it grows (OpenCV INTER_AREA / INTER_LINEAR)",
+            "scale": "uint8 pixel / 255, then (x - mean) / std per channel",
+            "mean": list(mean),
+            "std": list(std),
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", model.num_classes, "height", "width"],
+            "activation": "sigmoid" if binary else "softmax",
+            "threshold": config.train.threshold if binary else None,
+            "labels": list(data.labels) or ["background", "foreground"],
+            "mask": "sigmoid(logits) > threshold, at the image's size after resizing the "
+            "probabilities back"
+            if binary
+            else "arg-max over the classes of the probabilities resized to the image's size",
+        },
+        "tta": tta,
+        "config": config.to_dict(),
+    }
