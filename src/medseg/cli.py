@@ -576,7 +576,7 @@ def _run_export(args) -> int:
     if quantization:
         print(
             f"int8 calibrated on {quantization['calibration_images']} images; its probabilities "
-            f"differ from float32 by {quantization['calibration_probability_mae']:.4f} on "
+            f"differ from float32 by {quantization['calibration_probability_mae']:.2g} on "
             f"average there"
         )
         for problem in quantization["unreadable_calibration_images"]:
