@@ -42,10 +42,9 @@ from medseg.progress import progress_bar
 from medseg.visualize import overlay
 
 TTA_MODES = ("auto", "none", "flip", "d4")
-# "auto" is resolved per checkpoint (`resolve_tta`): flips where the network was trained on
-# flipped images. Averaging the four flips raised mean Dice by 0.007 and the thresholded Jaccard
-# by 0.019 on ISIC 2017 test/ (benchmarks/accuracy.py, README Results) for 4× the inference
-# time; a network that never saw a flipped chest would read a flipped one with its lungs swapped.
+# "auto" is resolved per checkpoint (`resolve_tta`): the flips only where the network was trained
+# on flipped images (what they are worth: README Results); a network that never saw a flipped
+# chest would read a flipped one with its lungs swapped.
 DEFAULT_TTA = "auto"
 
 
@@ -423,55 +422,78 @@ def predict(
         "postprocess": postprocess,
         "threshold": predictor.threshold,  # resolved: the checkpoint's unless one was given
     }
-    multi_class, labels = predictor.multi_class, predictor.labels
     names = {
         path: output_names(
-            path, probabilities=probabilities, overlays=overlays, multi_class=multi_class
+            path,
+            probabilities=probabilities,
+            overlays=overlays,
+            multi_class=predictor.multi_class,
         )
         for path in inputs
     }
-    if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
-        for path in inputs:
-            for name in names[path]:
-                (output / name).unlink(missing_ok=True)
-    else:
-        _check_earlier_results(output, record, [output / names[path][-1] for path in inputs])
-    remove_partial_files(output)  # left by a kill in the middle of a write
-    write_text(output / RECORD_NAME, json.dumps(record, indent=2))
     report = PredictionReport()
-    pending = []
-    for path in inputs:
-        if all((output / name).exists() for name in names[path]):
-            report.skipped.append(output / mask_name(path))
-        else:
-            pending.append(path)
+    pending = _claim_output(output, names, record, overwrite=overwrite, report=report)
     bar = progress_bar(total=len(pending), desc="predicting", enabled=progress)
     channels = predictor.config.data.channels
     for paths, images in _readable_batches(pending, batch_size, report, channels=channels):
         for path, image, probability in zip(
             paths, images, predictor.probabilities(images), strict=True
         ):
-            mask = predictor.to_mask(probability)
-            stem = Path(path.name).stem
-            if probabilities and multi_class:
-                _save_npz(output / f"{stem}_probabilities.npz", probability, labels)
-            elif probabilities:
-                _save_png(
-                    output / f"{stem}_probability.png",
-                    np.round(probability * 255).astype(np.uint8),
-                )
-            if overlays:
-                _save_png(
-                    output / f"{stem}_overlay.png",
-                    overlay(image, mask, labels if multi_class else None),
-                )
-            # A label map is saved as its class indices; a binary mask as 0/255.
-            written = mask if multi_class else (mask * 255).astype(np.uint8)
-            _save_png(output / mask_name(path), written)  # last: done
+            _write_outputs(output, path, image, probability, predictor, names[path])
             report.written.append(output / mask_name(path))
         bar.update(len(paths))
     bar.close()
     return report
+
+
+def _claim_output(
+    output: Path,
+    names: dict[Path, list[str]],
+    record: dict,
+    *,
+    overwrite: bool,
+    report: PredictionReport,
+) -> list[Path]:
+    """Make ``output`` this run's: refuse or replace earlier results, record the settings,
+    and return the inputs still to segment (those whose files are all there are skipped)."""
+    if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
+        for files in names.values():
+            for name in files:
+                (output / name).unlink(missing_ok=True)
+    else:
+        _check_earlier_results(output, record, [output / files[-1] for files in names.values()])
+    remove_partial_files(output)  # left by a kill in the middle of a write
+    write_text(output / RECORD_NAME, json.dumps(record, indent=2))
+    pending = []
+    for path, files in names.items():
+        if all((output / name).exists() for name in files):
+            report.skipped.append(output / mask_name(path))
+        else:
+            pending.append(path)
+    return pending
+
+
+def _write_outputs(
+    output: Path,
+    path: Path,
+    image: np.ndarray,
+    probability: np.ndarray,
+    predictor: Predictor,
+    files: list[str],
+) -> None:
+    """Every file of one image (`output_names`), the mask last: its presence means done."""
+    mask = predictor.to_mask(probability)
+    labels = predictor.labels if predictor.multi_class else None
+    stem = Path(path.name).stem
+    if f"{stem}_probabilities.npz" in files:
+        _save_npz(output / f"{stem}_probabilities.npz", probability, predictor.labels)
+    if f"{stem}_probability.png" in files:
+        _save_png(output / f"{stem}_probability.png", np.round(probability * 255).astype(np.uint8))
+    if f"{stem}_overlay.png" in files:
+        _save_png(output / f"{stem}_overlay.png", overlay(image, mask, labels))
+    # A label map is saved as its class indices; a binary mask as 0/255.
+    written = mask if predictor.multi_class else (mask * 255).astype(np.uint8)
+    _save_png(output / mask_name(path), written)
 
 
 def _check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
