@@ -1,10 +1,10 @@
 """medseg: DeepLabv3+ for 2D medical image segmentation, binary masks or multi-class label maps.
 
-The command line (``medseg train|evaluate|predict|visualize|prepare|demo``) and this API do the
+The command line (``medseg train|evaluate|predict|visualize|export|prepare|demo``) and this API do the
 same things; see README.md.
 """
 
-from medseg.api import demo, evaluate, predict, prepare_data, train, visualize
+from medseg.api import demo, evaluate, export, predict, prepare_data, train, visualize
 from medseg.config import Config, build_config
 from medseg.errors import MedsegError
 from medseg.inference import Predictor
@@ -20,6 +20,7 @@ __all__ = [
     "build_config",
     "demo",
     "evaluate",
+    "export",
     "predict",
     "prepare_data",
     "train",

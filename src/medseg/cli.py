@@ -314,7 +314,11 @@ def _train_overrides(args) -> dict:
 def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
     from medseg.inference import DEFAULT_TTA, TTA_MODES
 
-    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run folder")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
+    )
     parser.add_argument(
         "--tta",
         nargs="?",
