@@ -6,16 +6,15 @@ and the reason; the prepared cache survives damage and kills, and serves every s
 
 import errno
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 from PIL import Image
+from test_bad_input import write_png_header  # tests/ is on the path: one copy of the helper
 
 import medseg.data.cache as cache_module
 from medseg.api import prepare_data
@@ -353,23 +352,6 @@ def test_importing_medseg_leaves_pils_limit_alone():
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def write_png_header(path, width, height):
-    """A valid PNG of a few bytes whose header claims `width` × `height` grey pixels."""
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize("pil_limit", [None, 10**9])  # PIL checking nothing, or laxer
