@@ -4,6 +4,8 @@ applies to predict, evaluate and visualize).
 
     python benchmarks/predict_speed.py                  # default model at 256×256, batch 16
     python benchmarks/predict_speed.py --repeats 3 --batches 6
+    python benchmarks/predict_speed.py --train --size 160   # training steps instead (why train
+                                                            # keeps glibc's defaults)
 
 Each row is a new Python process that loads the checkpoint and segments `--batches` batches of
 random 256×256 images (TTA none); the first batch is the cold one a short `predict` pays, the
@@ -41,16 +43,47 @@ print(json.dumps([s / batch * 1000 for s in seconds]))
 """
 
 
+CHILD_TRAIN = """
+import json, sys, time
+if sys.argv[2] == "tuned":
+    from medseg.engine.runtime import tune_allocator
+    assert tune_allocator(), "glibc's mallopt is not available here"
+import torch
+from medseg.config import build_config
+from medseg.engine.train import build_optimizer
+from medseg.losses import DiceBCELoss
+from medseg.model import DeepLabV3Plus
+torch.manual_seed(0)
+size, batch, batches = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+config = build_config(overrides={"model.pretrained": False})
+model = DeepLabV3Plus.from_config(config.model).to(memory_format=torch.channels_last)
+optimizer, loss_fn = build_optimizer(model, config), DiceBCELoss()
+images = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+masks = (torch.rand(batch, 1, size, size) > 0.5).float()
+seconds = []
+for _ in range(batches):
+    started = time.perf_counter()
+    loss = loss_fn(model(images), masks)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    seconds.append(time.perf_counter() - started)
+print(json.dumps([s / batch * 1000 for s in seconds]))
+"""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train", action="store_true", help="time training steps instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = _default_checkpoint(Path(folder), args.size)
         rows = {mode: _measure(mode, checkpoint, args) for mode in ("default", "tuned")}
+    print(("training steps" if args.train else "inference") + f" at {args.size}×{args.size}")
     print(f"{'allocator':<10} {'first batch ms/img':>20} {'later batches ms/img':>22}")
     for mode, (first, later) in rows.items():
         print(f"{mode:<10} {first:>20.1f} {later:>22.1f}")
@@ -66,7 +99,13 @@ def main() -> int:
 def _measure(mode: str, checkpoint: Path, args) -> tuple[float, float]:
     firsts, laters = [], []
     for _ in range(args.repeats):
-        command = [sys.executable, "-c", CHILD, str(checkpoint), mode]
+        command = [
+            sys.executable,
+            "-c",
+            CHILD_TRAIN if args.train else CHILD,
+            str(checkpoint),
+            mode,
+        ]
         command += [str(args.size), str(args.batch), str(args.batches)]
         environment = {**os.environ, "MEDSEG_TUNE_MALLOC": "1"}
         output = subprocess.run(

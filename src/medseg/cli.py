@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Commands whose forward passes run faster with the allocator tuned (README Performance);
-# training measured no faster, so it keeps glibc's defaults.
+# training showed no consistent gain, so it keeps glibc's defaults.
 INFERENCE_COMMANDS = ("predict", "evaluate", "visualize")
 
 
