@@ -43,10 +43,12 @@ SUMMARY_KEYS = [
     "iou_pooled",
     "thresholded_jaccard",
     "worst",
+    "auc",  # binary checkpoints only
     "checkpoint",
     "data",
     "tta",
     "postprocess",
+    "roi",
 ]  # fmt: skip
 
 
@@ -232,8 +234,10 @@ PINNED_SUMMARY = {
         {"id": "SYN_0015", "dice": 0.3420360250961344},
         {"id": "SYN_0014", "dice": 0.5156731291900707},
     ],
+    "auc": 0.7290695998094991,
     "tta": "flip",
     "postprocess": False,
+    "roi": None,
 }
 
 
@@ -362,7 +366,8 @@ def test_evaluate_folder_scores_each_class(three_class_checkpoint, tmp_path):
 
     assert list(summary) == [
         *SUMMARY_KEYS[: SUMMARY_KEYS.index("worst") + 1],
-        "mean_foreground_dice", "per_class", "checkpoint", "data", "tta", "postprocess", "labels",
+        "mean_foreground_dice", "per_class", "checkpoint", "data", "tta", "postprocess", "roi",
+        "labels",
     ]  # fmt: skip
     assert summary["labels"] == LABELS
     assert list(summary["per_class"]) == ["a", "b"]

@@ -368,6 +368,12 @@ def _add_evaluate(commands) -> None:
     parser.add_argument(
         "--report", metavar="DIR", help="also write an offline HTML report, DIR/index.html"
     )
+    parser.add_argument(
+        "--roi",
+        metavar="DIR",
+        help="score only inside region-of-interest masks, DIR/<image id>.png (255 inside); "
+        "default: the data folder's fov/ beside images/ when it has one",
+    )
     _add_inference_flags(parser, postprocess_default=False)
     parser.set_defaults(handler=_run_evaluate)
 
@@ -380,7 +386,7 @@ def _run_evaluate(args) -> int:
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-        report=args.report, compile=args.compile, threshold=args.threshold,
+        report=args.report, compile=args.compile, threshold=args.threshold, roi=args.roi,
     )  # fmt: skip
     # --data may be a root whose test/ was chosen: say which folder the numbers describe.
     print(f"scored {summary['data']} ({summary['images']} pairs)")

@@ -10,6 +10,12 @@ Masks are read as the checkpoint was trained: label maps of its classes (``data.
 multi-class checkpoint; for a binary one, 0/1 label maps where the data's dataset.json declares
 two classes, else binary masks by the half-range rule (`medseg.data.io.read_target`). Data whose
 dataset.json declares other classes than the checkpoint's is refused before anything is scored.
+
+A region of interest (ROI) restricts every metric to the pixels inside it, as DRIVE scores only
+inside the fundus's field of view: one mask per image, ``<image stem>.png`` (any image extension,
+foreground inside), in a ``fov/`` folder beside ``images/`` (used whenever it is there) or in the
+folder given as ``roi``. For a binary checkpoint the summary adds the pixel AUC of the foreground
+probabilities over every scored pixel (`medseg.metrics.PixelAUC`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from tqdm import tqdm
 
 from medseg.data.dataset import find_dataset_json, read_dataset_info
 from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
-from medseg.data.io import read_image, read_target
+from medseg.data.io import IMAGE_EXTENSIONS, read_image, read_mask, read_target
 from medseg.errors import MedsegError
 from medseg.files import check_writable, write_csv, write_text
 from medseg.inference import DEFAULT_TTA, Predictor
-from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, foreground_classes
+from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, PixelAUC, foreground_classes
 from medseg.report import class_rows, pick_cases, write_report
 
 __all__ = [
@@ -51,11 +57,13 @@ SUMMARY_TABLE = (
     ("Pixel accuracy (mean)", "accuracy"),
     ("Sensitivity (mean)", "sensitivity"),
     ("Specificity (mean)", "specificity"),
+    ("Pixel AUC (all scored pixels)", "auc"),  # binary checkpoints only
     ("HD95, pixels (mean)", "hd95"),
     ("ASSD, pixels (mean)", "assd"),
 )
 # (heading, key of summary["per_class"][class]): the columns of the per-class table that
 # `format_summary` prints and the report shows for a multi-class summary.
+ROI_FOLDER = "fov"  # beside images/: used by evaluate_folder whenever it is there
 PER_CLASS_TABLE = (
     ("Dice", "dice"),
     ("IoU", "iou"),
@@ -80,6 +88,7 @@ def evaluate_folder(
     progress: bool = True,
     report: str | Path | None = None,
     compile: bool = False,
+    roi: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on ``data`` (a split folder, or a root whose test/ is used).
 
@@ -90,6 +99,11 @@ def evaluate_folder(
     scored and ``tta`` the mode that ran; a multi-class summary adds ``per_class``,
     ``mean_foreground_dice`` and ``labels`` (the checkpoint's class names). With ``report``,
     also an offline HTML page (``report/index.html``, see `medseg.report`).
+
+    ``roi``: a folder of region-of-interest masks, one per image (module docstring); None uses
+    the scored folder's ``fov/`` when it has one. The summary's ``roi`` is the folder used (None
+    without), and a binary checkpoint's ``auc`` the pixel AUC (left out when the scored pixels'
+    truth holds one class only, where it is undefined).
     """
     tta = DEFAULT_TTA if tta is None else tta
     out = Path(out)
@@ -107,12 +121,18 @@ def evaluate_folder(
     labels = list(predictor.config.data.labels)
     target_labels = _target_labels(checkpoint, predictor, folder)
     pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
+    roi_folder = _roi_folder(folder, roi)
+    rois = _roi_files(pairs, roi_folder) if roi_folder is not None else None
     reading = {"channels": predictor.config.data.channels, "labels": target_labels}
-    metrics = _score_pairs(predictor, pairs, batch_size=batch_size, progress=progress, **reading)
+    metrics, auc = _score_pairs(
+        predictor, pairs, rois, batch_size=batch_size, progress=progress, **reading
+    )
     summary = metrics.summary()
+    if auc is not None and auc.value() is not None:
+        summary["auc"] = auc.value()
     summary.update(
         {"checkpoint": str(checkpoint), "data": str(folder), "tta": predictor.tta,
-         "postprocess": postprocess}
+         "postprocess": postprocess, "roi": None if roi_folder is None else str(roi_folder)}
     )  # fmt: skip
     if metrics.multi_class:  # binary summaries keep the keys they always had
         summary["labels"] = labels
@@ -143,24 +163,77 @@ def _target_labels(checkpoint, predictor: Predictor, folder: Path) -> tuple[str,
     return trained if multi_class else declared
 
 
+def _roi_folder(folder: Path, roi: str | Path | None) -> Path | None:
+    """The folder of ROI masks: ``roi`` (which must exist), else ``folder/fov`` if present."""
+    if roi is None:
+        default = folder / ROI_FOLDER
+        return default if default.is_dir() else None
+    roi = Path(roi)
+    if not roi.is_dir():
+        raise MedsegError(
+            f"ROI folder not found: {roi}; pass --roi a folder holding one mask per image, "
+            f"named as the image (e.g. {roi}/<id>.png)"
+        )
+    return roi
+
+
+def _roi_files(pairs: list[Sample], folder: Path) -> list[Path]:
+    """Each pair's ROI mask ``folder/<image stem>.<image extension>``; a missing one is named
+    before anything is predicted."""
+    files = []
+    for sample in pairs:
+        stem = sample.image.stem
+        found = [
+            folder / f"{stem}{ext}"
+            for ext in IMAGE_EXTENSIONS
+            if (folder / f"{stem}{ext}").is_file()
+        ]
+        if not found:
+            raise MedsegError(
+                f"no ROI mask for {sample.image}: expected {folder / stem}.png (255 inside); "
+                f"add it, or remove {folder} (or pass --roi another folder) to score every pixel"
+            )
+        files.append(found[0])
+    return files
+
+
+def _read_roi(path: Path, image_shape: tuple[int, ...], image: Path) -> np.ndarray:
+    """A bool (H, W) ROI mask, refused when its size is not its image's."""
+    roi = read_mask(path)
+    if roi.shape != tuple(image_shape[:2]):
+        raise MedsegError(
+            f"ROI {path} is {roi.shape[1]}×{roi.shape[0]} but its image {image} is "
+            f"{image_shape[1]}×{image_shape[0]}; save the ROI at the image's size"
+        )
+    return roi
+
+
 def _score_pairs(
     predictor: Predictor,
     pairs: list[Sample],
+    rois: list[Path] | None,
     *,
     batch_size: int,
     progress: bool,
     channels: int,
     labels: tuple[str, ...],
-) -> MetricAccumulator:
-    """Predict the pairs in chunks of ``batch_size`` and accumulate every image's metrics."""
+) -> tuple[MetricAccumulator, PixelAUC | None]:
+    """Predict the pairs in chunks of ``batch_size`` and accumulate every image's metrics,
+    inside its ROI (``rois``, one per pair, or None), and for a binary checkpoint the pixel AUC.
+    """
     classes = foreground_classes(predictor.config.data.labels)
     metrics = MetricAccumulator(classes=classes, surface=True)
+    auc = None if predictor.multi_class else PixelAUC()
     for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", disable=not progress):
         chunk = pairs[start : start + batch_size]
         images, masks = _read_pairs(chunk, channels=channels, labels=labels)
-        for sample, mask, prediction in zip(chunk, masks, predictor.masks(images), strict=True):
-            metrics.add(sample.id, prediction, mask)
-    return metrics
+        probabilities = predictor.probabilities(images)
+        for index, (sample, mask) in enumerate(zip(chunk, masks, strict=True)):
+            roi = None if rois is None else _read_roi(rois[start + index], mask.shape, sample.image)
+            metrics.add(sample.id, predictor.to_mask(probabilities[index]), mask, roi=roi)
+            if auc is not None:
+                auc.add(probabilities[index], mask.astype(bool), roi=roi)
+    return metrics, auc
 
 
 def score_pair(
@@ -182,12 +255,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     (with ``per_class``) also gets a table with one row per class and their mean."""
     width = max(len(label) for label, _ in SUMMARY_TABLE)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in SUMMARY_TABLE]
+    lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in _table_rows(summary)]
     if "per_class" in summary:
         lines += ["", *_class_table(summary)]
     worst = ", ".join(f"{case['id']} ({case['dice']:.3f})" for case in summary["worst"])
     lines.append(f"{summary['images']} images; lowest Dice: {worst}")
+    if summary.get("roi"):
+        lines.append(f"scored inside the ROI masks in {summary['roi']}")
     return "\n".join(lines)
+
+
+def _table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows of `SUMMARY_TABLE` the summary holds (no AUC for a multi-class checkpoint)."""
+    return [(label, key) for label, key in SUMMARY_TABLE if key in summary]
 
 
 def _class_table(summary: dict[str, Any]) -> list[str]:
@@ -221,7 +301,7 @@ def _write_report(
             )
         ]
     write_report(
-        path, summary, rows, cases, table=list(SUMMARY_TABLE),
+        path, summary, rows, cases, table=_table_rows(summary),
         class_table=list(PER_CLASS_TABLE), labels=predictor.config.data.labels,
     )  # fmt: skip
 

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medseg.config import Config
+from medseg.data.dicom import dicom_id, is_dicom, list_dicom, require_pydicom
 from medseg.data.folder import list_images
 from medseg.data.io import read_image, to_channels
 from medseg.data.plan import augmentation_for
@@ -341,9 +342,17 @@ class PredictionReport:
     failed: list[str] = field(default_factory=list)  # "file: reason"
 
 
+def image_id(image_path: Path) -> str:
+    """The id an image's outputs are named by: its file's stem, never its folders; for a DICOM
+    file its SOP Instance UID (`medseg.data.dicom.dicom_id`), as exports reuse file names."""
+    if is_dicom(image_path):
+        return dicom_id(Path(image_path))
+    return Path(image_path.name).stem
+
+
 def mask_name(image_path: Path) -> str:
-    """``<stem>_segmentation.png``: the ISIC name; only the file's stem is used, never its folders."""
-    return f"{Path(image_path.name).stem}_segmentation.png"
+    """``<id>_segmentation.png``: the ISIC name, ``<id>`` being `image_id`."""
+    return f"{image_id(image_path)}_segmentation.png"
 
 
 def output_names(
@@ -354,7 +363,7 @@ def output_names(
     Probabilities are ``<stem>_probability.png`` (0..255) for binary, ``<stem>_probabilities.npz``
     (every class) for a K-class model.
     """
-    stem = Path(image_path.name).stem
+    stem = image_id(image_path)
     probability = f"{stem}_probabilities.npz" if multi_class else f"{stem}_probability.png"
     extras = [probability] * probabilities + [f"{stem}_overlay.png"] * overlays
     return [*extras, mask_name(image_path)]
@@ -369,7 +378,10 @@ def collect_inputs(source: str | Path) -> list[Path]:
         return [source]
     if source.is_dir():
         folder = source / "images" if (source / "images").is_dir() else source
-        images = list_images(folder)
+        dicom = list_dicom(folder)
+        if dicom:
+            require_pydicom()  # once, before any work, rather than once per file
+        images = sorted([*list_images(folder), *dicom])
         if not images:
             raise MedsegError(f"no images found in {folder}")
         return images
@@ -484,7 +496,7 @@ def _write_outputs(
     """Every file of one image (`output_names`), the mask last: its presence means done."""
     mask = predictor.to_mask(probability)
     labels = predictor.labels if predictor.multi_class else None
-    stem = Path(path.name).stem
+    stem = image_id(path)
     if f"{stem}_probabilities.npz" in files:
         _save_npz(output / f"{stem}_probabilities.npz", probability, predictor.labels)
     if f"{stem}_probability.png" in files:

@@ -135,20 +135,43 @@ def confusion_counts(pred: Tensor, target: Tensor) -> Tensor:
     return class_counts(pred, target, classes=1)[:, 0]
 
 
-def _class_counts_of(pred: Tensor, target: Tensor, classes: int) -> Tensor:
-    """(N, H, W) checked label maps -> (N, classes, 4) int64 counts of classes 1..classes."""
-    per_class = [_counts_of(pred == k, target == k) for k in range(1, classes + 1)]
+def _class_counts_of(
+    pred: Tensor, target: Tensor, classes: int, roi: Tensor | None = None
+) -> Tensor:
+    """(N, H, W) checked label maps -> (N, classes, 4) int64 counts of classes 1..classes.
+
+    With an (N, H, W) bool ``roi``, only the pixels inside it are counted; ``pred`` and
+    ``target`` must already be background outside it (`_restrict`).
+    """
+    pixels = None if roi is None else roi.reshape(roi.shape[0], -1).sum(1)
+    per_class = [_counts_of(pred == k, target == k, pixels) for k in range(1, classes + 1)]
     return torch.stack(per_class, dim=1)
 
 
-def _counts_of(pred: Tensor, target: Tensor) -> Tensor:
-    """(N, H, W) bool masks -> (N, 4) int64 counts."""
+def _counts_of(pred: Tensor, target: Tensor, pixels: Tensor | None = None) -> Tensor:
+    """(N, H, W) bool masks -> (N, 4) int64 counts; ``pixels`` (N,): the scored pixels of each
+    image (default: all of them), the rest being true negatives."""
     pred, target = pred.reshape(pred.shape[0], -1), target.reshape(target.shape[0], -1)
     tp = (pred & target).sum(1)
     fp = (pred & ~target).sum(1)
     fn = (~pred & target).sum(1)
-    tn = pred.shape[1] - tp - fp - fn
+    tn = (pred.shape[1] if pixels is None else pixels) - tp - fp - fn
     return torch.stack([tp, fp, fn, tn], dim=1).to(torch.int64)
+
+
+def _restrict(labels: Tensor, roi: Tensor) -> Tensor:
+    """(N, H, W) label maps with every pixel outside the (N, H, W) bool ``roi`` background."""
+    return torch.where(roi, labels, torch.zeros_like(labels))
+
+
+def _as_roi(roi, shape: torch.Size) -> Tensor:
+    """A region of interest as an (N, H, W) bool tensor matching label maps of ``shape``."""
+    roi = torch.as_tensor(roi)
+    if roi.dim() == 4 and roi.shape[1] == 1:
+        roi = roi[:, 0]
+    if roi.shape != shape:
+        raise ValueError(f"roi {tuple(roi.shape)} and masks {tuple(shape)} differ")
+    return roi.to(torch.bool)
 
 
 def _unpack(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -297,11 +320,15 @@ class MetricAccumulator:
         """Whether more than one foreground class is scored (label maps, not binary masks)."""
         return len(self.classes) > 1
 
-    def update(self, pred, target, *, ids: list[str] | None = None) -> None:
+    def update(self, pred, target, *, ids: list[str] | None = None, roi=None) -> None:
         """Add N images of one size: (N,1,H,W) or (N,H,W) tensors or arrays, bool or 0/1 masks
         for one class, label maps holding the values 0..C for C classes.
 
-        `ids` names the images (default: their position in the accumulator).
+        `ids` names the images (default: their position in the accumulator). `roi`, bool masks
+        of the same shape, restricts every metric to the pixels inside it (DRIVE scores inside
+        the field of view): the counts ignore the pixels outside, so the black around a fundus
+        is no true negative, and the surface distances are taken with both masks set to
+        background outside it.
         """
         pred, target = torch.as_tensor(pred), torch.as_tensor(target)
         if pred.shape != target.shape:
@@ -311,16 +338,22 @@ class MetricAccumulator:
         target = _as_label_maps(target, "target", classes)
         if ids is not None and len(ids) != pred.shape[0]:
             raise ValueError(f"{len(ids)} ids for {pred.shape[0]} images")
-        self._counts.append(_class_counts_of(pred, target, classes).cpu())
+        if roi is not None:
+            roi = _as_roi(roi, pred.shape).to(pred.device)
+            pred, target = _restrict(pred, roi), _restrict(target, roi)
+        self._counts.append(_class_counts_of(pred, target, classes, roi).cpu())
         if self.surface:
             for p, t in zip(pred.cpu().numpy(), target.cpu().numpy(), strict=True):
                 distances = [surface_distances(p == k, t == k) for k in range(1, classes + 1)]
                 self._distances.append(np.array(distances, dtype=np.float64))
         self._ids += list(ids) if ids is not None else [None] * pred.shape[0]
 
-    def add(self, image_id: str, pred, target) -> None:
-        """Add one image: (H, W) masks or label maps, each image at its own size."""
-        self.update(pred[None], target[None], ids=[image_id])
+    def add(self, image_id: str, pred, target, *, roi=None) -> None:
+        """Add one image: (H, W) masks or label maps, each image at its own size; `roi` as for
+        `update`, an (H, W) bool mask."""
+        self.update(
+            pred[None], target[None], ids=[image_id], roi=None if roi is None else roi[None]
+        )
 
     @property
     def counts(self) -> Tensor:
@@ -476,6 +509,68 @@ class MetricAccumulator:
             summary["mean_foreground_dice"] = float(np.mean(dices))
             summary["per_class"] = per_class
         return summary
+
+
+# Pixels kept for the pixel AUC: 20 M pixels are 100 MB as float32 scores and bool truth; the
+# whole DRIVE test set (20 images, 6.6 M pixels in the field of view) fits under it unsampled.
+AUC_MAX_PIXELS = 20_000_000
+AUC_SEED = 0
+
+
+class PixelAUC:
+    """Area under the ROC curve of foreground probabilities over all scored pixels of a data
+    set (binary masks only), by `sklearn.metrics.roc_auc_score`.
+
+    Pixels are kept as float32 scores and bool truth. Above ``max_pixels`` they are subsampled:
+    each time the pixels kept pass the cap, every kept pixel stays with probability 1/2 and the
+    pixels added later are kept at the halved rate, so every pixel of the data set has the same
+    chance to count, memory stays under about 1.5 × ``max_pixels`` pixels, and the seeded
+    generator makes the result the same on every run.
+    """
+
+    def __init__(self, *, max_pixels: int = AUC_MAX_PIXELS, seed: int = AUC_SEED) -> None:
+        self.max_pixels = max_pixels
+        self.rate = 1.0  # the chance that any pixel seen so far is kept
+        self._rng = np.random.default_rng(seed)
+        self._scores: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
+        self._kept = 0
+
+    def add(self, probability, truth, *, roi=None) -> None:
+        """Add one image: (H, W) foreground probabilities, its (H, W) bool or 0/1 truth and an
+        optional (H, W) bool ``roi``, outside which pixels are ignored."""
+        probability, truth = np.asarray(probability), np.asarray(truth)
+        if probability.shape != truth.shape:
+            raise ValueError(f"probability {probability.shape} and truth {truth.shape} differ")
+        inside = np.ones(truth.shape, bool) if roi is None else np.asarray(roi, dtype=bool)
+        if self.rate < 1.0:
+            inside = inside & (self._rng.random(truth.shape) < self.rate)
+        self._scores.append(probability[inside].astype(np.float32))
+        self._truth.append(truth[inside].astype(bool))
+        self._kept += len(self._truth[-1])
+        while self._kept > self.max_pixels:
+            self._halve()
+
+    def _halve(self) -> None:
+        keep = [self._rng.random(len(truth)) < 0.5 for truth in self._truth]
+        self._scores = [scores[k] for scores, k in zip(self._scores, keep, strict=True)]
+        self._truth = [truth[k] for truth, k in zip(self._truth, keep, strict=True)]
+        self._kept = sum(len(truth) for truth in self._truth)
+        self.rate /= 2
+
+    @property
+    def pixels(self) -> int:
+        """How many pixels the AUC is computed from."""
+        return self._kept
+
+    def value(self) -> float | None:
+        """The AUC, or None when the scored pixels hold only one class (it is then undefined)."""
+        from sklearn.metrics import roc_auc_score  # only evaluation needs it; import is slow
+
+        truth = np.concatenate(self._truth) if self._truth else np.zeros(0, bool)
+        if truth.all() or not truth.any():
+            return None
+        return float(roc_auc_score(truth, np.concatenate(self._scores)))
 
 
 def _aggregate(columns: dict[str, np.ndarray]) -> dict[str, float]:

@@ -34,6 +34,12 @@ MAX_PIXELS = 120_000_000
 
 def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
     """Read an image as uint8 (H, W, channels): RGB for 3, gray for 1; a bad file is named."""
+    # A DICOM file (.dcm, or "DICM" at byte 128) goes to pydicom. Imported here: dicom.py
+    # builds on this module.
+    from medseg.data.dicom import is_dicom, read_dicom
+
+    if is_dicom(path):
+        return to_channels(read_dicom(path), channels)
     with _open(path) as image:
         return to_channels(_to_rgb(image), channels)
 
