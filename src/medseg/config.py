@@ -23,11 +23,19 @@ from medseg.errors import MedsegError
 
 @dataclass
 class DataConfig:
-    # Images and masks are resized to image_size × image_size; predictions are scaled back to
-    # each image's own size. 0: planned from the data when training starts (medseg.data.plan):
-    # 160 for binary masks, the default recipe's size (see README Recipes); for label maps the
-    # smallest size at which every class survives the round trip to it and back.
+    # "resize": images and masks are resized to image_size × image_size and predictions scaled
+    # back to each image's own size. "patch": the network trains on image_size × image_size
+    # patches cut from the images at their own resolution and predicts by sliding window, for
+    # structures a resize would erase (vessels). "auto": planned from the data.
+    mode: str = "auto"
+    # The network's input side: the resized square, or the patch. 0: planned from the data when
+    # training starts (medseg.data.plan): 160 for binary masks, the default recipe's size (see
+    # README Recipes), or the smallest size at which every class survives the round trip to it
+    # and back; patches when no size below the images' own keeps them.
     image_size: int = 0
+    # Patch mode: the share of patches centred on a foreground pixel (of a class drawn at
+    # random), as nnU-Net oversamples foreground; the others are drawn uniformly.
+    foreground_fraction: float = 0.33
     mask_suffix: str = "_segmentation"  # masks/<id><mask_suffix>.png pairs with images/<id>.jpg
     val_fraction: float = 0.1  # share of train/ held out for validation when there is no val/
     # "default" (dermoscopy: flips, turns, colour), "anatomy" (no flips: anatomy has a left
@@ -126,6 +134,7 @@ def choices() -> dict[tuple[str, str], tuple]:
     from medseg.model import RESNETS, VARIANTS
 
     return {
+        ("data", "mode"): ("auto", "resize", "patch"),
         ("data", "augment"): ("auto", *AUGMENTATIONS),
         ("data", "augment_on"): ("auto", "loader", "device"),
         ("model", "backbone"): tuple(RESNETS),
@@ -171,6 +180,7 @@ PROBABILITY = Range(low=0, high=1, low_open=True, high_open=True)  # strictly be
 RANGES = {
     ("data", "image_size"): Range(low=0),
     ("data", "val_fraction"): PROBABILITY,
+    ("data", "foreground_fraction"): PROBABILITY,
     ("data", "channels"): Range(low=1),
     ("model", "num_classes"): Range(low=1),
     ("model", "in_channels"): Range(low=1),
@@ -220,16 +230,24 @@ def config_from_dict(values: dict[str, Any], *, source: str = "checkpoint") -> C
     return config
 
 
+# Data settings a saved config may predate, with the behaviour of its time: runs before patch
+# training resized every image.
+LEGACY_DATA_SETTINGS = {"mode": "resize"}
+
+
 def config_from_saved(values: dict[str, Any], *, source: str) -> Config:
     """The config an earlier run saved (a checkpoint's, or its config.yaml).
 
-    Model settings that run predates take the value it was trained with, not today's default.
+    Model and data settings that run predates take the value it was trained with, not today's default.
     """
     from medseg.model import LEGACY_SETTINGS
 
     model_values = values.get("model")
     if isinstance(model_values, dict):
         values = {**values, "model": {**LEGACY_SETTINGS, **model_values}}
+    data_values = values.get("data")
+    if isinstance(data_values, dict):
+        values = {**values, "data": {**LEGACY_DATA_SETTINGS, **data_values}}
     return config_from_dict(values, source=source)
 
 

@@ -34,6 +34,7 @@ from medseg.data.plan import augmentation_for
 from medseg.data.transforms import FLIPPING_AUGMENTATIONS, eval_transform, resize_image
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
+from medseg.engine.sliding_window import sliding_window
 from medseg.errors import MedsegError
 from medseg.exports.onnx_runtime import load_onnx, onnx_paths
 from medseg.exports.pretrained import CONFIG_NAME, WEIGHTS_NAME, is_pretrained, load_pretrained
@@ -150,6 +151,7 @@ class Predictor:
     postprocess: bool = False
     compile: bool = False
     threshold: float | None = None
+    tile_batch: int = 8  # tiles per network call for a patch-trained model (bounds its memory)
 
     def __post_init__(self):
         check_threshold(self.threshold)
@@ -162,9 +164,9 @@ class Predictor:
         if self.threshold is None and not self.multi_class:
             self.threshold = self.config.train.threshold
         self.tta = resolve_tta(self.tta, self.config)
-        self.transform = eval_transform(
-            self.config.data.image_size, channels=self.config.data.channels
-        )
+        # A patch-trained model sees each image at its own size, tile by tile.
+        size = None if self.patches else self.config.data.image_size
+        self.transform = eval_transform(size, channels=self.config.data.channels)
         if not isinstance(self.model, torch.nn.Module):
             if self.compile:
                 raise MedsegError(
@@ -254,13 +256,20 @@ class Predictor:
         return self.config.model.num_classes > 1
 
     @property
+    def patches(self) -> bool:
+        """True for a model trained on patches (``data.mode=patch``): it predicts whole images
+        at their own size by `medseg.engine.sliding_window`, with TTA on each tile."""
+        return self.config.data.mode == "patch"
+
+    @property
     def labels(self) -> list[str]:
         """Class names by label value (``config.data.labels``); empty for binary masks."""
         return list(self.config.data.labels)
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """What the network is fed: float32 (N, C, S, S), resized to the checkpoint's size S
-        and normalised, on the CPU. ``images`` as for `probabilities`."""
+        and normalised, on the CPU (a patch-trained model's: at the images' own size, which must
+        then be one). ``images`` as for `probabilities`."""
         channels = self.config.data.channels
         return torch.stack(
             [self.transform(image=to_channels(image, channels))["image"] for image in images]
@@ -273,20 +282,12 @@ class Predictor:
 
         ``images`` are uint8 (H, W, 3) or (H, W[, 1]) gray (`to_channels`). Each TTA view's
         softmax (or sigmoid) is turned back and averaged before the resize to the image's size.
+        A patch-trained model predicts each image whole, by sliding window, with no resize.
         """
+        if self.patches:
+            return [self._whole_image(image) for image in images]
         batch = self.preprocess(images).to(self.device, memory_format=self.memory_format)
-        views = tta_views(self.tta)
-        outputs = self.config.model.num_classes
-        total = torch.zeros(batch.shape[0], outputs, *batch.shape[-2:], device=self.device)
-        for turns, flip in views:
-            view = _orient(batch, turns, flip)
-            with self.precision.autocast(self.device):
-                logits = self.network(view)
-            scores = (
-                logits.float().softmax(1) if self.multi_class else torch.sigmoid(logits.float())
-            )
-            total += _unorient(scores, turns, flip)
-        maps = (total / len(views)).cpu().numpy()  # (N, outputs, h, w)
+        maps = self._scores(batch).cpu().numpy()  # (N, outputs, h, w)
         if not self.multi_class:
             return [
                 resize_image(probability, image.shape[:2])
@@ -301,6 +302,33 @@ class Predictor:
             )
             for probability, image in zip(maps, images, strict=True)
         ]
+
+    def _scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, outputs, h, w) probabilities of a network-ready batch, averaged over TTA views."""
+        views = tta_views(self.tta)
+        total = None
+        for turns, flip in views:
+            view = _orient(batch, turns, flip)
+            with self.precision.autocast(self.device):
+                logits = self.network(view)
+            scores = (
+                logits.float().softmax(1) if self.multi_class else torch.sigmoid(logits.float())
+            )
+            scores = _unorient(scores, turns, flip)
+            total = scores if total is None else total + scores
+        return total / len(views)
+
+    def _whole_image(self, image: np.ndarray) -> np.ndarray:
+        """`probabilities` of one image by sliding window over it at its own size."""
+        batch = self.preprocess([image]).to(self.device)
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            return self._scores(tiles.contiguous(memory_format=self.memory_format))
+
+        size = self.config.data.image_size
+        maps = sliding_window(run, batch, tile=size, tile_batch=self.tile_batch)[0]
+        maps = maps.cpu().numpy()
+        return maps if self.multi_class else maps[0]
 
     def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Masks at each image's size: bool (H, W) for binary, uint8 (H, W) label maps for K
@@ -378,10 +406,11 @@ def collect_inputs(source: str | Path) -> list[Path]:
         return [source]
     if source.is_dir():
         folder = source / "images" if (source / "images").is_dir() else source
+        images = list_images(folder)  # first: it names an unreadable folder
         dicom = list_dicom(folder)
         if dicom:
             require_pydicom()  # once, before any work, rather than once per file
-        images = sorted([*list_images(folder), *dicom])
+        images = sorted([*images, *dicom])
         if not images:
             raise MedsegError(f"no images found in {folder}")
         return images

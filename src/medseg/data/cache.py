@@ -8,6 +8,10 @@ the cache folder (``$MEDSEG_CACHE_DIR``, else ``~/.cache/medseg``). The folder's
 of the size, the channels, the classes and every source file's path, byte size and modification
 time, so changing any of them makes a new cache rather than reusing a stale one.
 
+At ``size`` 0 (patch training) the images keep their own sizes: they are written end to end,
+as they are decoded, into two flat files (``images.bin``, ``masks.bin``; each row's shape in the
+manifest) and memory-mapped from there, so a folder of large images is never held in memory.
+
 One cache holds a whole split folder (``train/``, ...), and ``prepare`` returns the rows of the
 samples asked for: the training and validation shares of ``train/`` and ``medseg prepare``
 all use the same cache.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -36,7 +41,7 @@ from medseg.errors import MedsegError
 from medseg.files import atomic_path, remove_partial_files, write_text
 from medseg.progress import progress_bar
 
-CACHE_VERSION = 3  # 3: channels and label maps
+CACHE_VERSION = 4  # 3: channels and label maps; 4: images at their own size
 
 
 class Rows:
@@ -68,13 +73,35 @@ class Rows:
         return np.asarray(self.array[self.rows], dtype=dtype)
 
 
+class Ragged:
+    """Arrays of different heights and widths stored end to end in one flat uint8 array;
+    ``ragged[row]`` is a view of one of them."""
+
+    def __init__(self, flat: np.ndarray, shapes: list[tuple[int, ...]], offsets=None):
+        self.flat = flat
+        self.shapes = [tuple(shape) for shape in shapes]
+        sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.offsets = list(offsets) if offsets is not None else np.cumsum([0, *sizes]).tolist()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        start = self.offsets[row]
+        size = int(np.prod(self.shapes[row]))
+        return self.flat[start : start + size].reshape(self.shapes[row])
+
+    def select(self, rows: list[int]) -> Ragged:
+        return Ragged(self.flat, [self.shapes[r] for r in rows], [self.offsets[r] for r in rows])
+
+
 @dataclass
 class PreparedCache:
     """Resized uint8 arrays of a list of samples; ``get(i)`` returns (image, target)."""
 
     samples: list[Sample]
-    images: np.ndarray | Rows  # (N, S, S, C) uint8
-    masks: np.ndarray | Rows  # (N, S, S) uint8 class values (binary: 0/1)
+    images: np.ndarray | Rows | Ragged  # (N, S, S, C) uint8, or N (H, W, C) at size 0
+    masks: np.ndarray | Rows | Ragged  # (N, S, S) uint8 class values (binary: 0/1)
     bad: list[str]  # "file: reason" for each sample left out
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +112,8 @@ class PreparedCache:
 class _Entry:
     """One folder's cache: a row of each array per readable pair, and what its manifest says."""
 
-    images: np.ndarray  # (R, S, S, C) uint8
-    masks: np.ndarray  # (R, S, S) uint8 class values
+    images: np.ndarray | Ragged  # (R, S, S, C) uint8, or R (H, W, C) at size 0
+    masks: np.ndarray | Ragged  # (R, S, S) uint8 class values
     kept: list[int]  # the pair (index into the folder's pairs) behind each row
     bad: dict[int, str]  # pair index -> "file: reason"
     foreground: list[bool]  # per row: whether the full-size mask has a foreground pixel
@@ -100,13 +127,17 @@ def cache_root() -> Path:
 class Layout:
     """How a data set's files become arrays: network size, image channels, class names."""
 
-    size: int
+    size: int  # 0: each image's own size
     channels: int = 3
     labels: tuple[str, ...] = ()  # empty: binary masks by the half-range rule
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.size, self.size, self.channels)
+
+    @property
+    def native(self) -> bool:
+        return self.size == 0
 
 
 def prepare(
@@ -199,6 +230,17 @@ def _load(folder: Path, count: int, layout: Layout) -> _Entry:
         raise ValueError("its manifest does not match its data")
     if sorted([*kept, *bad]) != list(range(count)):
         raise ValueError("its manifest does not account for every pair")
+    if layout.native:
+        shapes = [tuple(shape) for shape in manifest["shapes"]]
+        if len(shapes) != len(kept):
+            raise ValueError("its manifest does not match its data")
+        return _Entry(
+            images=_load_ragged(folder / "images.bin", [(*s, layout.channels) for s in shapes]),
+            masks=_load_ragged(folder / "masks.bin", shapes),
+            kept=kept,
+            bad=bad,
+            foreground=foreground,
+        )
     return _Entry(
         images=_load_array(folder / "images.npy", (len(kept), *layout.image_shape)),
         masks=_load_array(folder / "masks.npy", (len(kept), layout.size, layout.size)),
@@ -219,6 +261,14 @@ def _load_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def _load_ragged(path: Path, shapes: list[tuple[int, ...]]) -> Ragged:
+    """Map the flat uint8 file of arrays of `shapes`; a ValueError when its size differs."""
+    expected = sum(int(np.prod(shape)) for shape in shapes)
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not {expected}")
+    return Ragged(np.memmap(path, dtype=np.uint8, mode="r", shape=(expected,)), shapes)
+
+
 def _damage(error: Exception) -> str:
     if isinstance(error, OSError) and error.filename:
         return f"{Path(error.filename).name}: {error.strerror or error}"
@@ -230,6 +280,8 @@ def _damage(error: Exception) -> str:
 def _build(
     folder: Path, pairs: list[Sample], layout: Layout, *, stop_at: set[int], progress: bool
 ) -> _Entry:
+    if layout.native:
+        return _build_native(folder, pairs, layout, stop_at=stop_at, progress=progress)
     entry = _decode_all(pairs, layout, stop_at=stop_at, progress=progress)
     try:
         _store(folder, entry)
@@ -246,6 +298,17 @@ def _decode_all(
     images = np.empty((len(pairs), *layout.image_shape), dtype=np.uint8)
     masks = np.empty((len(pairs), layout.size, layout.size), dtype=np.uint8)
     kept, bad, foreground = [], {}, []
+    for index, image, mask in _decoded(pairs, layout, bad, stop_at=stop_at, progress=progress):
+        images[len(kept)] = resize_image(image, layout.size).reshape(layout.image_shape)
+        masks[len(kept)] = resize_target(mask, layout.size, label_map=bool(layout.labels))
+        foreground.append(bool(mask.any()))
+        kept.append(index)
+    return _Entry(images[: len(kept)], masks[: len(kept)], kept, bad, foreground)
+
+
+def _decoded(pairs: list[Sample], layout: Layout, bad: dict[int, str], *, stop_at, progress):
+    """(index, image, target) of each readable pair at its own size; the others go into `bad`,
+    unless their index is in `stop_at` (then the first one stops it)."""
     for index, sample in enumerate(
         progress_bar(pairs, desc="preparing", enabled=progress, leave=False)
     ):
@@ -259,26 +322,75 @@ def _decode_all(
                 raise MedsegError(f"{error} (or pass --skip-bad to train without it)") from error
             bad[index] = str(error)
             continue
-        images[len(kept)] = resize_image(image, layout.size).reshape(layout.image_shape)
-        masks[len(kept)] = resize_target(mask, layout.size, label_map=bool(layout.labels))
-        foreground.append(bool(mask.any()))
-        kept.append(index)
-    if not kept:
+        yield index, image, mask
+    if len(bad) == len(pairs):
         first = next(iter(bad.values()))
         raise MedsegError(f"none of the {len(pairs)} pairs could be read; first problem: {first}")
-    return _Entry(images[: len(kept)], masks[: len(kept)], kept, bad, foreground)
+
+
+def _build_native(
+    folder: Path, pairs: list[Sample], layout: Layout, *, stop_at: set[int], progress: bool
+) -> _Entry:
+    """Write each pair at its own size into images.bin / masks.bin as it is decoded."""
+    decoding = {"stop_at": stop_at, "progress": progress}
+    if not _writable(folder):  # a read-only home must not stop training: keep them in memory
+        images, masks = io.BytesIO(), io.BytesIO()
+        entry = _write_native(pairs, layout, images, masks, **decoding)
+        entry.images = Ragged(np.frombuffer(images.getvalue(), np.uint8), entry.images.shapes)
+        entry.masks = Ragged(np.frombuffer(masks.getvalue(), np.uint8), entry.masks.shapes)
+        return entry
+    with (
+        atomic_path(folder / "images.bin") as image_path,
+        atomic_path(folder / "masks.bin") as mask_path,
+        open(image_path, "wb") as images,
+        open(mask_path, "wb") as masks,
+    ):
+        entry = _write_native(pairs, layout, images, masks, **decoding)
+    _write_manifest(folder, entry, shapes=[list(shape) for shape in entry.masks.shapes])
+    return _load(folder, len(pairs), layout)
+
+
+def _writable(folder: Path) -> bool:
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+    return os.access(folder, os.W_OK)
+
+
+def _write_native(pairs: list[Sample], layout: Layout, images, masks, **decoding) -> _Entry:
+    """Append each readable pair's bytes to the files `images` and `masks`; an entry whose
+    arrays are still empty, with the rows' shapes."""
+    kept, bad, foreground, shapes = [], {}, [], []
+    for index, image, mask in _decoded(pairs, layout, bad, **decoding):
+        images.write(np.ascontiguousarray(image).tobytes())
+        masks.write(np.ascontiguousarray(mask).tobytes())
+        shapes.append(mask.shape)
+        foreground.append(bool(mask.any()))
+        kept.append(index)
+    empty = np.empty(0, np.uint8)
+    return _Entry(
+        images=Ragged(empty, [(*shape, layout.channels) for shape in shapes], [0] * len(shapes)),
+        masks=Ragged(empty, shapes, [0] * len(shapes)),
+        kept=kept,
+        bad=bad,
+        foreground=foreground,
+    )
 
 
 def _store(folder: Path, entry: _Entry) -> None:
     for name, array in (("images.npy", entry.images), ("masks.npy", entry.masks)):
         with atomic_path(folder / name) as temporary, open(temporary, "wb") as handle:
             np.save(handle, array)
+    _write_manifest(folder, entry)
+
+
+def _write_manifest(folder: Path, entry: _Entry, **extra) -> None:
     # The manifest is written last: its presence means the arrays beside it are complete.
     manifest = {
         "pairs": len(entry.kept) + len(entry.bad),
         "kept": entry.kept,
         "bad": sorted(entry.bad.items()),
         "foreground": entry.foreground,
+        **extra,
     }
     write_text(folder / "manifest.json", json.dumps(manifest))
 
@@ -301,9 +413,11 @@ def _select(entry: _Entry, pairs: list[Sample], wanted: list[int], *, skip_bad: 
     )
 
 
-def _take(array: np.ndarray, rows: list[int]) -> np.ndarray | Rows:
+def _take(array: np.ndarray | Ragged, rows: list[int]) -> np.ndarray | Rows | Ragged:
     if rows == list(range(len(array))):
         return array
+    if isinstance(array, Ragged):
+        return array.select(rows)
     return Rows(array, rows) if isinstance(array, np.memmap) else array[rows]
 
 

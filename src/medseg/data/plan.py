@@ -6,11 +6,14 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
 
 - Classes and channels: from the data root's dataset.json (`medseg.data.dataset`), else binary
   RGB.
-- Image size: binary masks train at the default recipe's 160 (measured on ISIC, README
-  Recipes). Label maps train at the smallest `SIZES` entry at which every class of the
+- Resolution: the smallest `SIZES` entry, from the default recipe's 160 for binary masks
+  (measured on ISIC, README Recipes) and from 128 for label maps, at which every class of the
   training masks survives the round trip there and back (nearest down, as the cache resizes
   label maps; one-hot bilinear up and arg-max, as predictions come back) with mean Dice at
-  least `ROUND_TRIP_DICE`: thin structures (clavicles, vessels) decide it.
+  least `ROUND_TRIP_DICE`: thin structures (clavicles) decide it. When no size below the
+  images' own keeps them (retinal vessels are 1-3 pixels wide), the network trains on
+  patches at the images' own resolution (``data.mode=patch``) of `PATCH_SIZE`, or the largest
+  multiple of 32 the smallest image holds, and predicts by sliding window.
 - Augmentation: "default" (flips and turns) for binary masks; "anatomy" (no flips) for label
   maps, whose classes often have a side (a right and a left lung).
 - Epochs (`planned_epochs`, once the batches are known): `MIN_EPOCHS`, the default recipe's
@@ -21,6 +24,7 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -31,12 +35,14 @@ import numpy as np
 from medseg.config import Config, validate
 from medseg.data.dataset import DatasetInfo, read_dataset_info
 from medseg.data.folder import train_pairs
-from medseg.data.io import read_label_map
+from medseg.data.io import read_target
+from medseg.errors import MedsegError
 
 BINARY_IMAGE_SIZE = 160
 SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
 ROUND_TRIP_DICE = 0.96
 FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
+PATCH_SIZE = 256  # enough context for a vessel or a nucleus; what a 2-core CPU trains in an hour
 MIN_EPOCHS = 50
 MIN_STEPS = 600
 
@@ -57,8 +63,8 @@ def plan(config: Config, data_root: str | Path) -> Config:
         in_channels=info.channels,
     )
     notes = []
-    if data.image_size == 0:
-        data.image_size, note = _image_size(labels, data_root, data.mask_suffix)
+    if data.image_size == 0 or data.mode == "auto":
+        data.mode, data.image_size, note = _resolution(data, labels, data_root)
         notes.append(note)
     if data.augment == "auto":
         data.augment = augmentation_for(labels)
@@ -95,23 +101,60 @@ def describe_classes(config: Config) -> str:
     return f"binary masks, {kind} images"
 
 
-def _image_size(labels: list[str], data_root, mask_suffix: str) -> tuple[int, str]:
-    if len(labels) <= 2:
-        return BINARY_IMAGE_SIZE, f"{BINARY_IMAGE_SIZE}×{BINARY_IMAGE_SIZE} (binary masks)"
+def _resolution(data, labels: list[str], data_root) -> tuple[str, int, str]:
+    """(mode, image size, what to print): see the module docstring. A mode or size the config
+    sets is kept; the other is planned."""
+    masks = _fingerprint_masks(data_root, data.mask_suffix, labels)
+    if not masks:  # nothing readable: the cache says why
+        return "resize", data.image_size or BINARY_IMAGE_SIZE, "no readable mask to plan from"
+    shortest = min(min(mask.shape) for mask in masks)
+    patch_size = data.image_size or min(PATCH_SIZE, max(32, shortest // 32 * 32))
+    if data.mode == "patch":
+        return "patch", patch_size, _patch_note(patch_size, "data.mode=patch")
+    size, note = _resize_size(masks, labels)
+    if data.mode == "resize" or size is not None:
+        if data.image_size:
+            return "resize", data.image_size, f"{data.image_size}×{data.image_size} (set)"
+        if size is None:
+            return "resize", SIZES[-1], f"{SIZES[-1]}×{SIZES[-1]} (data.mode=resize; {note})"
+        return "resize", size, note
+    return "patch", patch_size, _patch_note(patch_size, note)
+
+
+def _patch_note(size: int, why: str) -> str:
+    return f"patches of {size}×{size} at the images' own resolution ({why})"
+
+
+def _fingerprint_masks(data_root, mask_suffix: str, labels: list[str]) -> list[np.ndarray]:
     train_masks = [sample.mask for sample in train_pairs(data_root, mask_suffix=mask_suffix)]
     step = max(1, len(train_masks) // FINGERPRINT_MASKS)
-    masks = [read_label_map(path, labels) for path in train_masks[::step][:FINGERPRINT_MASKS]]
+    masks = []
+    for path in train_masks[::step][:FINGERPRINT_MASKS]:
+        # A bad mask is left to the cache, which names it (or skips it with --skip-bad).
+        with contextlib.suppress(MedsegError):
+            masks.append(read_target(path, labels))
+    return masks
+
+
+def _resize_size(masks: list[np.ndarray], labels: list[str]) -> tuple[int | None, str]:
+    """The smallest size every class survives, or None (and why) when none up to the images'
+    own does (a square at their own size still distorts images that are not square)."""
+    names = labels if len(labels) > 2 else ["background", "foreground"]
     native = max(max(mask.shape) for mask in masks)
-    for size in SIZES:
-        if size >= native:
-            return native, f"{native}×{native} (the images' own size)"
-        worst_name, worst = _worst_class(masks, size, labels)
+    first = SIZES[0] if len(labels) > 2 else BINARY_IMAGE_SIZE
+    if len(labels) <= 2 and native <= first:  # the recipe's size loses nothing of small images
+        return first, f"{first}×{first} (binary masks)"
+    candidates = [size for size in SIZES if first <= size < native] + [native]
+    for size in candidates:
+        worst_name, worst = _worst_class(masks, size, names)
         if worst >= ROUND_TRIP_DICE:
+            if size == native:
+                return native, f"{native}×{native} (the images' own size)"
             return size, (
                 f"{size}×{size} (every class keeps Dice ≥ {ROUND_TRIP_DICE} through the resize; "
                 f"lowest {worst_name} {worst:.3f})"
             )
-    return SIZES[-1], f"{SIZES[-1]}×{SIZES[-1]} (the largest planned size)"
+    return None, f"resized to {native}×{native} and back, {worst_name} keeps Dice {worst:.3f}"
 
 
 def _worst_class(masks: list[np.ndarray], size: int, labels: list[str]) -> tuple[str, float]:

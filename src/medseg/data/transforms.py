@@ -98,8 +98,11 @@ class ResizeSquare(A.DualTransform):
         return ("size", "label_map")
 
 
-def eval_transform(size: int, *, channels: int = 3, label_map: bool = False) -> A.Compose:
-    """Resize to size × size (`resize_image`), normalise, to tensor."""
+def eval_transform(size: int | None, *, channels: int = 3, label_map: bool = False) -> A.Compose:
+    """Resize to size × size (`resize_image`), normalise, to tensor; ``size`` None keeps the
+    image's own size (patch-trained models, run by sliding window)."""
+    if size is None:
+        return A.Compose(_to_network(channels))
     return A.Compose([ResizeSquare(size, label_map=label_map), *_to_network(channels)])
 
 

@@ -27,6 +27,7 @@ from medseg.config import Config, DataConfig, config_from_dict, read_saved_confi
 from medseg.data.cache import prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
+from medseg.data.patches import PatchFolder, patches_per_image
 from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
@@ -57,6 +58,7 @@ from medseg.engine.runtime import (
     select_precision,
     sync_batchnorm,
 )
+from medseg.engine.sliding_window import SlidingWindow
 from medseg.errors import MedsegError
 from medseg.files import check_writable, write_csv
 from medseg.losses import build_loss
@@ -330,7 +332,7 @@ class TrainingSetup:
         )  # fmt: skip
         average_buffers(self.model, self.ranks)
         val_loss, val_metrics = evaluate_loader(
-            self.model, self.val_loader, loss_fn=self.loss_fn, device=self.device,
+            self.validated_network(), self.val_loader, loss_fn=self.loss_fn, device=self.device,
             precision=self.precision, threshold=settings.threshold,
             labels=self.config.data.labels, channels_last=settings.channels_last,
         )  # fmt: skip
@@ -354,6 +356,14 @@ class TrainingSetup:
             )
         return row
 
+    def validated_network(self) -> nn.Module:
+        """The model as validation runs it: whole images, or by sliding window in patch mode."""
+        if self.config.data.mode != "patch":
+            return self.model
+        return SlidingWindow(
+            self.model, tile=self.config.data.image_size, tile_batch=self.config.train.batch_size
+        )
+
     def _class_dice(self, summary: dict[str, Any]) -> dict[str, float]:
         """Each foreground class's validation Dice, for several classes (metrics.csv columns)."""
         if self.config.model.num_classes == 1:
@@ -361,12 +371,17 @@ class TrainingSetup:
         return {f"val_dice_{name}": values["dice"] for name, values in summary["per_class"].items()}
 
     def announce(self) -> None:
-        model, ranks = self.config.model, self.ranks
+        model, ranks, size = self.config.model, self.ranks, self.config.data.image_size
+        training = self.train_loader.dataset
+        if isinstance(training, PatchFolder):
+            images = len(training.images)
+            shape = f"as {training.per_image} patches of {size}×{size} per image and epoch"
+        else:
+            images, shape = len(training), f"at {size}×{size}"
         print(
             f"training DeepLabv3+ ({model.backbone}, {model.variant} variant) on {self.device} in "
-            f"{self.precision.name}; {describe_classes(self.config)} at "
-            f"{self.config.data.image_size}×{self.config.data.image_size}; "
-            f"{len(self.train_loader.dataset)} training / "
+            f"{self.precision.name}; {describe_classes(self.config)} {shape}; "
+            f"{images} training / "
             f"{len(self.val_loader.dataset)} validation images; {self.config.train.epochs} epochs"
             + (f"; {ranks.world_size} processes" if ranks.distributed else "")
         )
@@ -513,7 +528,13 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
-    layout = {"size": data.image_size, "channels": data.channels, "labels": data.labels}
+    patches = data.mode == "patch"
+    # Patches are cut from the images at their own size (`medseg.data.patches`).
+    layout = {
+        "size": 0 if patches else data.image_size,
+        "channels": data.channels,
+        "labels": data.labels,
+    }
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
         train_cache, val_cache = (
             prepare(samples, **layout, skip_bad=data.skip_bad, progress=progress)
@@ -527,8 +548,17 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
         train_transform(data.image_size, data.augment, **pixels),
         cache=train_cache,
     )
+    if patches:
+        train_set = PatchFolder(
+            train_set,
+            size=data.image_size,
+            per_image=patches_per_image(train_cache.masks.shapes, data.image_size),
+            foreground_fraction=data.foreground_fraction,
+        )
     val_set = SegmentationFolder(
-        val_cache.samples, eval_transform(data.image_size, **pixels), cache=val_cache
+        val_cache.samples,
+        eval_transform(None if patches else data.image_size, **pixels),
+        cache=val_cache,
     )
     per_rank = math.ceil(len(train_set) / ranks.world_size)
     # Drop a last partial batch (a noisy step), unless the data set is smaller than one batch.
@@ -552,13 +582,15 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
         "persistent_workers": data.num_workers > 0,
     }
     train_batches = BatchSampler(samplers["train"], settings.batch_size, drop_last=drop_last)
-    if augment_on_device(data, device):
+    if augment_on_device(data, device) and not patches:
         train_loader = DeviceBatches(
             train_cache, train_batches, augment=data.augment, device=device
         )
     else:
         train_loader = DataLoader(train_set, batch_sampler=train_batches, **common)
-    val_batches = BatchSampler(samplers["val"], settings.batch_size, drop_last=False)
+    # Whole images of their own sizes, one at a time, run by sliding window in patch mode.
+    val_batch = 1 if patches else settings.batch_size
+    val_batches = BatchSampler(samplers["val"], val_batch, drop_last=False)
     return train_loader, DataLoader(val_set, batch_sampler=val_batches, **common)
 
 
