@@ -353,3 +353,12 @@ def test_surface_distances_gives_hd95_and_assd_together():
     pred, target = mask((3, 6), (0, 0)), mask((3, 6), (0, 0), (0, 4))
     assert surface_distances(pred, target) == pytest.approx((3.6, 4 / 3))
     assert surface_distances(np.zeros((3, 4), bool), np.ones((3, 4), bool)) == (5.0, 5.0)
+
+
+def test_surface_distances_take_a_spacing_per_axis_in_3d():
+    pred = np.zeros((4, 6, 6), dtype=bool)
+    target = np.zeros_like(pred)
+    pred[1, 1:5, 1:5] = True
+    target[3, 1:5, 1:5] = True  # two slices away, 2.5 mm apart: every surface voxel at 5 mm
+    assert surface_distances(pred, target, spacing=(2.5, 0.7, 0.7)) == pytest.approx((5.0, 5.0))
+    assert hausdorff95(pred[1], target[1]) == math.hypot(6, 6)  # 2-D without spacing: unchanged

@@ -33,7 +33,7 @@ def test_dataset_json_gives_class_names_by_value_and_channels(label_map_root):
         ({"labels": {"background": 0}}, "at least two classes"),
         ({"labels": {"background": 0, "a": 2}}, "without gaps"),
         ({"labels": {"background": 0, "a": [1, 2]}}, "region lists"),
-        ({"labels": {"background": 0, "a": 1}, "channels": 4}, "4 channels"),
+        ({"labels": {"background": 0, "a": 1}, "channels": 0}, "0 channels"),
     ],
 )
 def test_a_bad_dataset_json_is_refused_in_one_line(tmp_path, content, named):

@@ -264,7 +264,7 @@ def _run_train(args) -> int:
         if not args.data:
             raise MedsegError("medseg train needs --data DATA_ROOT (or --resume RUN_DIR)")
         summary = train(
-            data=args.data,
+            data=data_root(args.data),
             out=args.out or _new_run_folder(),
             preset=args.preset,
             config_file=args.config,
@@ -275,6 +275,13 @@ def _run_train(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
         print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
     return 0
+
+
+def data_root(data: str | Path) -> str | Path:
+    """``--data`` as medseg reads it: an nnU-Net raw root becomes its root of 2D slices."""
+    from medseg.data.nnunet import slice_root
+
+    return slice_root(data) or data
 
 
 def _new_run_folder() -> Path:
@@ -383,6 +390,9 @@ def _run_evaluate(args) -> int:
     from medseg.evaluation import format_summary
 
     out = args.out or _default_out(args.checkpoint, f"evaluation-{Path(args.data).name}")
+    if _is_volume_root(args.data):
+        return _run_evaluate_volumes(args, out)
+    args.data = data_root(args.data)
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
@@ -395,6 +405,25 @@ def _run_evaluate(args) -> int:
         f"per-image scores and summary: {out}"
         + (f"; report: {args.report}/index.html" if args.report else "")
     )
+    return 0
+
+
+def _is_volume_root(data: str) -> bool:
+    from medseg.data.nnunet import is_nnunet_root, read_spec
+
+    return is_nnunet_root(data) and read_spec(Path(data)).nifti
+
+
+def _run_evaluate_volumes(args, out: Path) -> int:
+    from medseg.volumes import evaluate_volumes, format_volume_table
+
+    summary = evaluate_volumes(
+        args.checkpoint, args.data, out, tta=args.tta, postprocess=args.postprocess,
+        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device,
+        progress=not args.quiet, compile=args.compile, threshold=args.threshold,
+    )  # fmt: skip
+    print(format_volume_table(summary))
+    print(f"per-volume scores and summary: {out}")
     return 0
 
 
@@ -419,7 +448,19 @@ def _add_predict(commands) -> None:
 
 def _run_predict(args) -> int:
     from medseg.api import predict
+    from medseg.volumes import is_nifti, predict_volumes
 
+    if is_nifti(args.input):
+        report = predict_volumes(
+            args.checkpoint, args.input, args.out, batch_size=args.batch_size, tta=args.tta,
+            postprocess=args.postprocess, overwrite=args.overwrite, device=args.device,
+            progress=not args.quiet, compile=args.compile, threshold=args.threshold,
+        )  # fmt: skip
+        print(
+            f"{len(report.written)} label volumes written to {args.out}"
+            + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
+        )
+        return 0
     report = predict(
         checkpoint=args.checkpoint, source=args.input, output=args.out, batch_size=args.batch_size,
         tta=args.tta, postprocess=args.postprocess, probabilities=args.probabilities,
@@ -495,7 +536,7 @@ def _run_prepare(args) -> int:
     from medseg.api import prepare_data
 
     for folder, count, bad in prepare_data(
-        args.data, size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
+        data_root(args.data), size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
     ):
         for problem in bad:  # named as `medseg train --skip-bad` names them
             print(f"skipped: {problem}")

@@ -239,39 +239,43 @@ def thresholded_jaccard(iou_values, threshold: float = THRESHOLDED_JACCARD_CUTOF
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Foreground pixels of an (H, W) bool mask with a 4-connected neighbour outside it."""
-    cross = ndimage.generate_binary_structure(2, 1)
+    """Foreground pixels of an (H, W) or (X, Y, Z) bool mask with a face neighbour outside it."""
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=cross)
 
 
-def _surface_distances(pred, target) -> np.ndarray | float:
+def _surface_distances(pred, target, spacing=None) -> np.ndarray | float:
     """Distances from each boundary pixel of one mask to the other's boundary, both ways.
 
     Returns a 1-D array of pixel distances, or a float (0 or the image diagonal) when a mask is
-    empty, following the conventions in the module docstring.
+    empty, following the conventions in the module docstring. With ``spacing`` (one size per
+    axis, e.g. millimetres per voxel) the masks may be 3-D and distances are in its unit.
     """
     pred = np.asarray(pred, dtype=bool)
     target = np.asarray(target, dtype=bool)
-    if pred.shape != target.shape or pred.ndim != 2:
+    if pred.shape != target.shape or pred.ndim != (2 if spacing is None else len(spacing)):
         raise ValueError(
-            f"pred {pred.shape} and target {target.shape} must be 2-D masks of one shape (H, W)"
+            f"pred {pred.shape} and target {target.shape} must be masks of one shape: 2-D "
+            f"(H, W), or with spacing {spacing} one axis per entry"
         )
     pred_empty, target_empty = not pred.any(), not target.any()
     if pred_empty and target_empty:
         return 0.0
     if pred_empty or target_empty:
-        return math.hypot(*pred.shape)
+        sizes = pred.shape if spacing is None else np.multiply(pred.shape, spacing)
+        return math.hypot(*sizes)
     pred_boundary, target_boundary = _boundary(pred), _boundary(target)
     # The EDT of the boundary's complement gives each pixel its distance to the nearest
     # boundary pixel, so one transform per mask serves every boundary pixel of the other.
-    to_target = ndimage.distance_transform_edt(~target_boundary)
-    to_pred = ndimage.distance_transform_edt(~pred_boundary)
+    to_target = ndimage.distance_transform_edt(~target_boundary, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_boundary, sampling=spacing)
     return np.concatenate([to_target[pred_boundary], to_pred[target_boundary]])
 
 
-def surface_distances(pred, target) -> tuple[float, float]:
-    """(HD95, ASSD) in pixels between (H, W) bool masks, from one pair of distance transforms."""
-    distances = _surface_distances(pred, target)
+def surface_distances(pred, target, spacing=None) -> tuple[float, float]:
+    """(HD95, ASSD) in pixels between (H, W) bool masks, from one pair of distance transforms;
+    with ``spacing`` (a size per axis), between masks of as many axes, in its unit (mm)."""
+    distances = _surface_distances(pred, target, spacing)
     if isinstance(distances, float):
         return distances, distances
     return float(np.percentile(distances, 95)), float(distances.mean())

@@ -12,6 +12,8 @@
 1..K-1 without gaps; masks are then label maps read exactly. ``channel_names`` (nnU-Net v2) or
 ``channels`` (a count) says how many channels an image has: 1 for grayscale modalities. Without
 a dataset.json, masks are binary and read by the half-range rule (`medseg.data.io.read_mask`).
+Other channel counts (MRI sequences stacked, e.g. FLAIR and T1c) are stored as uint8 ``.npy``
+images (H, W, C).
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ def _labels(labels, path: Path) -> tuple[str, ...]:
 def _channels(values: dict, path: Path) -> int:
     names = values.get("channel_names", values.get("modality"))
     count = len(names) if isinstance(names, dict) else values.get("channels", 3)
-    if not isinstance(count, int) or isinstance(count, bool) or count not in (1, 3):
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise MedsegError(
-            f"{path}: images with {count!r} channels are not supported; medseg reads 1 "
-            f"(grayscale) or 3 (RGB) channels"
+            f"{path}: images with {count!r} channels are not supported; give 'channel_names' "
+            f'one name per channel, e.g. "channel_names": {{"0": "FLAIR", "1": "T1c"}}'
         )
     return count

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import MedsegError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".npy")
 
 # A dermoscopy original is at most ~30 megapixels, so anything past this is refused before it
 # is decoded. Checked here rather than through PIL's global MAX_IMAGE_PIXELS, which belongs to
@@ -33,7 +33,13 @@ MAX_PIXELS = 120_000_000
 
 
 def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
-    """Read an image as uint8 (H, W, channels): RGB for 3, gray for 1; a bad file is named."""
+    """Read an image as uint8 (H, W, channels): RGB for 3, gray for 1; a bad file is named.
+
+    A ``.npy`` file holds uint8 (H, W) or (H, W, C) as it is: the storage of slices whose
+    channel count (2 MRI sequences, say) no image format holds.
+    """
+    if Path(path).suffix.lower() == ".npy":
+        return to_channels(_read_npy(Path(path)), channels)
     # A DICOM file (.dcm, or "DICM" at byte 128) goes to pydicom. Imported here: dicom.py
     # builds on this module.
     from medseg.data.dicom import is_dicom, read_dicom
@@ -45,7 +51,8 @@ def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) as (H, W, ``channels``), 1 or 3.
+    """A uint8 image (H, W), (H, W, 1) or (H, W, 3) as (H, W, ``channels``), 1 or 3; an
+    (H, W, C) image of any other C passes through when ``channels`` is C.
 
     Colour becomes gray by ITU-R 601 luma, as PIL's "L" mode (a gray file read as RGB comes
     back unchanged), so an image passed as an array gives the same mask as the same file read
@@ -54,6 +61,8 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == channels:
+        return image
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise MedsegError(
             f"cannot segment an image of {image.dtype} {image.shape}; pass uint8 (H, W, 3) "
@@ -129,6 +138,8 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image, read from its header only."""
+    if Path(path).suffix.lower() == ".npy":
+        return _read_npy(Path(path), mmap=True).shape[:2]
     with _open(path) as image:
         return image.height, image.width
 
@@ -182,6 +193,23 @@ def _open(path: str | Path) -> Image.Image:
             f"{path} is corrupt or truncated ({error}); replace it or remove it"
         ) from error
     return image
+
+
+def _read_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """A uint8 (H, W) or (H, W, C) array from an .npy file; anything else is named and refused."""
+    _check_regular_file(path)
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise MedsegError(
+            f"{path} is not a readable .npy array ({error}); replace it or remove it"
+        ) from error
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise MedsegError(
+            f"{path} holds {array.dtype} {array.shape}; an .npy image must be uint8 (H, W) or "
+            f"(H, W, C): window it to 0..255 first"
+        )
+    return array
 
 
 def _check_regular_file(path: Path) -> None:
