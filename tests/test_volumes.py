@@ -196,6 +196,15 @@ def test_evaluate_scores_each_volume_in_millimetres(tmp_path, two_channel_checkp
     assert "per-slice mean Dice" in capsys.readouterr().out
 
 
+def test_evaluate_refuses_a_checkpoint_of_other_classes(tmp_path, tiny_checkpoint, capsys):
+    root = write_nnunet_root(tmp_path / "root")
+    argv = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(root)]
+    assert main([*argv, "--out", str(tmp_path / "evaluation"), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "declares the classes ['background', 'necrosis', 'oedema']" in message
+    assert "\n" not in message and not (tmp_path / "evaluation").exists()
+
+
 def test_evaluate_without_test_labels_says_there_is_nothing_to_score(
     tmp_path, two_channel_checkpoint, capsys
 ):

@@ -30,6 +30,7 @@ from medseg.data.nnunet import (
     volume_slices,
 )
 from medseg.errors import MedsegError
+from medseg.evaluation import _target_labels
 from medseg.files import check_writable, refuse_existing, write_bytes, write_csv, write_text
 from medseg.inference import (
     DEFAULT_TTA,
@@ -198,7 +199,9 @@ def evaluate_volumes(
 
     Writes ``out/per_volume.csv`` (one row per case and class) and ``out/summary.json``;
     returns the summary: per class mean Dice and HD95 (mm), their means over the classes, and
-    ``slice_dice``, the mean Dice over every 2D slice (what 2D validation reports).
+    ``slice_dice``, the mean Dice over every 2D slice as 2D validation reports it (a slice
+    where neither prediction nor truth holds a class scores 1 for it, so the many slices
+    outside a tumour raise it well above the 3D Dice).
     """
     root, out = Path(root), Path(out)
     spec = read_spec(root)
@@ -218,6 +221,8 @@ def evaluate_volumes(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
         threshold=threshold,
     )  # fmt: skip
+    _target_labels(checkpoint, predictor, root)  # refuses other classes than the checkpoint's
+    _check_channels(checkpoint, predictor, spec)
     class_names = foreground_classes(list(spec.labels))
     slices = MetricAccumulator(classes=class_names)
     rows = []
@@ -243,6 +248,17 @@ def evaluate_volumes(
     write_csv(out / "per_volume.csv", rows, VOLUME_COLUMNS)
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _check_channels(checkpoint, predictor: Predictor, spec) -> None:
+    """Refuse data with other channels than the checkpoint takes (one gray may feed RGB)."""
+    takes = predictor.config.data.channels
+    if len(spec.channels) != takes and not (len(spec.channels) == 1 and takes == 3):
+        raise MedsegError(
+            f"{spec.root / 'dataset.json'} declares {len(spec.channels)} channels "
+            f"({', '.join(spec.channels)}) but {checkpoint} takes {takes}; score it on data "
+            f"with the channels it was trained on"
+        )
 
 
 def _summary(rows, class_names, slices: MetricAccumulator, root: Path) -> dict[str, Any]:
