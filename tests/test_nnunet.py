@@ -204,6 +204,14 @@ def test_a_missing_modality_is_refused(nnunet_root, capsys):
     assert "case brain2 lacks" in message and "brain2_0001.nii.gz" in message and "T1c" in message
 
 
+def test_an_undeclared_channel_file_is_refused(nnunet_root, capsys):
+    channels, _ = case_volumes(0)
+    save_nifti(nnunet_root / "imagesTr" / "brain1_0002.nii.gz", channels[0])
+    message = refused(nnunet_root, capsys)
+    assert "case brain1 has" in message and "brain1_0002.nii.gz" in message
+    assert "declare 2 channels" in message
+
+
 def test_a_file_with_another_ending_is_refused(nnunet_root, capsys):
     (nnunet_root / "imagesTr" / "brain1_0000.nii").write_bytes(b"x")
     message = refused(nnunet_root, capsys)

@@ -131,6 +131,12 @@ def find_cases(folder: Path, spec: Spec) -> dict[str, list[Path]]:
             )
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path
     for case, files in by_case.items():
+        extra = sorted(set(files) - set(range(len(spec.channels))))
+        if extra:
+            raise MedsegError(
+                f"case {case} has {files[extra[0]]}, but dataset.json's channel_names declare "
+                f"{len(spec.channels)} channels (0..{len(spec.channels) - 1}); declare it or move it out"
+            )
         for channel, name in enumerate(spec.channels):
             if channel not in files:
                 raise MedsegError(
@@ -249,7 +255,8 @@ def kept_slices(labels: np.ndarray, case: str) -> list[int]:
 
 
 def _source_key(root: Path) -> str:
-    digest = hashlib.sha256(f"medseg-nnunet-v{FORMAT_VERSION}:{SLICE_AXIS}".encode())
+    settings = f"{FORMAT_VERSION}:{SLICE_AXIS}:{EMPTY_SLICE_SHARE}:{SEED}"
+    digest = hashlib.sha256(f"medseg-nnunet-v{settings}".encode())
     digest.update(f"{_identity(root / 'dataset.json')};".encode())
     for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         folder = root / name
