@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+from common import hardware, train_once
 
 import medseg
 from medseg.config import parse_override
@@ -52,9 +51,9 @@ def main() -> int:
     if args.epochs:
         overrides["train.epochs"] = args.epochs
     run = args.out / "run"
-    train_seconds = _train(args.data, run, overrides)
+    train_seconds = train_once(args.data, run, overrides)
     result = {
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "data": str(args.data),
         "overrides": {key: str(value) for key, value in overrides.items()},
         "epochs": load_checkpoint(run / "checkpoints" / "last.pt")["epoch"],
@@ -77,21 +76,6 @@ def main() -> int:
     print(markdown(result))
     print(f"\nhardware: {result['hardware']}; written {saved}")
     return 0
-
-
-def _train(data: Path, run: Path, overrides: dict) -> float:
-    finished = run / "result.json"
-    if finished.is_file():
-        return json.loads(finished.read_text())["train_seconds"]
-    started = time.perf_counter()
-    resume = (run / "checkpoints" / "last.pt").is_file()
-    if resume:
-        medseg.train(data=data, out=run, resume=True)
-    else:
-        medseg.train(data=data, out=run, overrides=overrides, overwrite=True)
-    seconds = time.perf_counter() - started
-    finished.write_text(json.dumps({"train_seconds": seconds, "resumed": resume}))
-    return seconds
 
 
 def markdown(result: dict) -> str:
@@ -117,13 +101,6 @@ def markdown(result: dict) -> str:
                 f"{values['sensitivity']:.3f} | {values['specificity']:.3f} |"
             )
     return "\n".join(lines)
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo", encoding="utf-8") as info:  # Linux: the model's own name
-        cpu = next((line.split(":", 1)[1].strip() for line in info if "model name" in line), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

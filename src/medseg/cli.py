@@ -264,7 +264,7 @@ def _run_train(args) -> int:
         if not args.data:
             raise MedsegError("medseg train needs --data DATA_ROOT (or --resume RUN_DIR)")
         summary = train(
-            data=data_root(args.data),
+            data=args.data,
             out=args.out or _new_run_folder(),
             preset=args.preset,
             config_file=args.config,

@@ -50,7 +50,10 @@ def is_nifti(path: str | Path) -> bool:
     """Whether ``path`` is a NIfTI file, or a folder holding some (what predict dispatches on)."""
     path = Path(path)
     if path.is_dir():
-        return any(_nifti_ending(child) for child in path.iterdir())
+        try:
+            return any(_nifti_ending(child) for child in path.iterdir())
+        except OSError:  # unreadable: the image path's listing names the problem
+            return False
     return _nifti_ending(path) is not None
 
 

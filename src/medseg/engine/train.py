@@ -27,6 +27,7 @@ from medseg.config import Config, DataConfig, config_from_dict, read_saved_confi
 from medseg.data.cache import prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
+from medseg.data.nnunet import slice_root
 from medseg.data.patches import PatchFolder, patches_per_image
 from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
@@ -283,8 +284,11 @@ class TrainingSetup:
     ) -> TrainingSetup:
         """Set up training; ``pretrained`` overrides the config's (False when resuming).
 
-        Settings the config leaves to the data are planned first (`medseg.data.plan`).
+        Settings the config leaves to the data are planned first (`medseg.data.plan`). An
+        nnU-Net raw root trains on its 2D slices (`medseg.data.nnunet.slice_root`); the run
+        records the root itself, so a resumed run finds the slices again.
         """
+        data_root = slice_root(data_root) or data_root
         config = plan(config, data_root)
         settings = config.train
         device = select_device(settings.device)

@@ -1,0 +1,187 @@
+"""Native resolution on real thin structures: DRIVE retinal vessels, trained from scratch.
+
+    python benchmarks/drive.py                   # both runs, the agreement and memory checks
+    python benchmarks/drive.py --only native     # the default command alone
+    python benchmarks/drive.py --markdown runs/drive/drive.json   # README tables
+
+"native" trains exactly as ``medseg train --data DATA --out RUN --no-pretrained`` does: the plan
+sees that no resize keeps the vessels and trains on patches at the images' own size. "resize-160"
+is the same network trained on the images resized to 160 × 160 (``data.mode=resize``), the path
+every image took before. Both are scored on test/ inside the field of view (test/fov/, the DRIVE
+convention) with the default prediction: Dice (F1) per image and pooled over all pixels,
+sensitivity, specificity, accuracy and pixel AUC.
+
+Two checks of the sliding window, on the native model: its masks against the network run on
+the whole image at once, on 512 × 512 crops of the test images (Dice between the two); and the
+peak memory of predicting one 4096 × 4096 image against one 512 × 512 image, each in a fresh
+process (``--tta none``). A finished run folder is reused, an interrupted one resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from common import hardware, train_once
+
+import medseg
+from medseg.data.folder import list_images
+from medseg.data.io import read_image
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.inference import Predictor
+from medseg.metrics import confusion_counts, dice
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "drive"
+RUNS = {
+    "native": {},
+    "resize-160": {"data.mode": "resize", "data.image_size": 160},
+}
+CROP = 512
+LARGE = 4096
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "drive")
+    parser.add_argument("--only", choices=sorted(RUNS), action="append")
+    parser.add_argument("--epochs", type=int, help="override the planned epochs (a quick look)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print a saved result")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    saved = args.out / "drive.json"
+    result = json.loads(saved.read_text()) if saved.is_file() else {"runs": {}}
+    result.update({"hardware": hardware(), "data": str(args.data)})
+    for name in args.only or list(RUNS):
+        overrides = {"model.pretrained": False, **RUNS[name]}
+        if args.epochs:
+            overrides["train.epochs"] = args.epochs
+        result["runs"][name] = _score_run(args.data, args.out / name, overrides)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(result, indent=2))
+    native = args.out / "native"
+    if (native / "result.json").is_file():
+        result["sliding_window"] = {
+            "agreement": _whole_image_agreement(native, args.data / "test"),
+            "peak_memory_mib": _peak_memory(native, args.data / "test"),
+        }
+    saved.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    print(f"\nhardware: {result['hardware']}; written {saved}")
+    return 0
+
+
+def _score_run(data: Path, run: Path, overrides: dict) -> dict:
+    seconds = train_once(data, run, overrides)
+    checkpoint = load_checkpoint(run / "checkpoints" / "best.pt")
+    started = time.perf_counter()
+    summary = medseg.evaluate(
+        checkpoint=run, data=data / "test", out=run / "test", overwrite=True, progress=False
+    )
+    keys = ("dice", "dice_pooled", "sensitivity", "specificity", "accuracy", "auc", "tta", "roi")
+    return {
+        "train_minutes": seconds / 60,
+        "epochs": load_checkpoint(run / "checkpoints" / "last.pt")["epoch"],
+        "best_epoch": checkpoint["epoch"],
+        "mode": checkpoint["config"]["data"]["mode"],
+        "image_size": checkpoint["config"]["data"]["image_size"],
+        "predict_seconds": time.perf_counter() - started,
+        **{key: summary[key] for key in keys},
+    }
+
+
+def _whole_image_agreement(run: Path, test: Path) -> dict:
+    """Dice between sliding-window masks and whole-image masks on 512 × 512 test crops."""
+    tiled = Predictor.from_checkpoint(run, tta="none")
+    config = tiled.config
+    whole_config = replace(config, data=replace(config.data, mode="resize", image_size=CROP))
+    whole = Predictor(tiled.model, whole_config, tiled.device, tiled.precision, tta="none")
+    scores = []
+    for path in list_images(test / "images"):
+        crop = read_image(path)[:CROP, :CROP]
+        if crop.shape[:2] != (CROP, CROP):
+            continue
+        [by_tiles], [at_once] = tiled.masks([crop]), whole.masks([crop])
+        counts = confusion_counts(torch.from_numpy(by_tiles)[None], torch.from_numpy(at_once)[None])
+        scores.append(float(dice(counts)[0]))
+    return {"images": len(scores), "mean_dice": float(np.mean(scores)), "min_dice": min(scores)}
+
+
+PEAK = """
+import resource, sys
+import medseg
+medseg.predict(checkpoint=sys.argv[1], source=sys.argv[2], output=sys.argv[3], tta="none",
+               progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def _peak_memory(run: Path, test: Path) -> dict:
+    """Peak resident memory (MiB) of predicting one image of each side, in fresh processes."""
+    source = read_image(list_images(test / "images")[0])
+    peaks = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for side in (CROP, LARGE):
+            images = Path(folder) / f"in{side}"
+            images.mkdir()
+            image = cv2.resize(source, (side, side), interpolation=cv2.INTER_LINEAR)
+            cv2.imwrite(str(images / f"drive_{side}.png"), image[..., ::-1])
+            started = time.perf_counter()
+            command = [sys.executable, "-c", PEAK, str(run), str(images), f"{folder}/out{side}"]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            peaks[side] = {
+                "mib": int(output.split()[-1]),
+                "seconds": time.perf_counter() - started,
+            }
+    return {str(side): value for side, value in peaks.items()}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| run | input | epochs | training | Dice (F1) mean | F1 pooled | sensitivity | "
+        "specificity | accuracy | AUC |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in result["runs"].items():
+        shape = (
+            f"{run['image_size']}² patches at 565×584"
+            if run["mode"] == "patch"
+            else f"resized to {run['image_size']}²"
+        )
+        lines.append(
+            f"| {name} | {shape} | {run['epochs']} | {run['train_minutes']:.1f} min | "
+            f"{run['dice']:.4f} | {run['dice_pooled']:.4f} | {run['sensitivity']:.4f} | "
+            f"{run['specificity']:.4f} | {run['accuracy']:.4f} | {run.get('auc', float('nan')):.4f} |"
+        )
+    window = result.get("sliding_window")
+    if window:
+        agreement, memory = window["agreement"], window["peak_memory_mib"]
+        lines += [
+            "",
+            f"Sliding window against the whole image at once, {agreement['images']} crops of "
+            f"{CROP}×{CROP}: Dice {agreement['mean_dice']:.4f} mean, {agreement['min_dice']:.4f} "
+            f"lowest. Peak memory of `predict --tta none` on one image: {CROP}×{CROP} "
+            f"{memory[str(CROP)]['mib']} MiB ({memory[str(CROP)]['seconds']:.0f} s), "
+            f"{LARGE}×{LARGE} {memory[str(LARGE)]['mib']} MiB "
+            f"({memory[str(LARGE)]['seconds']:.0f} s).",
+        ]
+    lines.append(f"\n{result['hardware']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
