@@ -74,7 +74,7 @@ def main() -> int:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(result, indent=2))
     native = args.out / "native"
-    if (native / "result.json").is_file():
+    if (native / "result.json").is_file() and "native" in (args.only or RUNS):
         result["sliding_window"] = {
             "agreement": _whole_image_agreement(native, args.data / "test"),
             "peak_memory_mib": _peak_memory(native, args.data / "test"),
@@ -121,12 +121,15 @@ def _whole_image_agreement(run: Path, test: Path) -> dict:
     return {"images": len(scores), "mean_dice": float(np.mean(scores)), "min_dice": min(scores)}
 
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started by
+# a large parent would report the parent's size.
 PEAK = """
-import resource, sys
+import sys
 import medseg
 medseg.predict(checkpoint=sys.argv[1], source=sys.argv[2], output=sys.argv[3], tta="none",
                progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = open("/proc/self/status").read()
+print(int(status.split("VmHWM:")[1].split()[0]) // 1024)
 """
 
 

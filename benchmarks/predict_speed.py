@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--train", action="store_true", help="time training steps instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = _default_checkpoint(Path(folder), args.size)
+        checkpoint = untrained_checkpoint(Path(folder), args.size)
         rows = {mode: _measure(mode, checkpoint, args) for mode in ("default", "tuned")}
     print(("training steps" if args.train else "inference") + f" at {args.size}×{args.size}")
     print(f"{'allocator':<10} {'first batch ms/img':>20} {'later batches ms/img':>22}")
@@ -117,7 +117,7 @@ def _measure(mode: str, checkpoint: Path, args) -> tuple[float, float]:
     return statistics.median(firsts), statistics.median(laters)
 
 
-def _default_checkpoint(folder: Path, size: int) -> Path:
+def untrained_checkpoint(folder: Path, size: int) -> Path:
     """An untrained default network at ``size`` (weights do not change the speed)."""
     from medseg.config import build_config
     from medseg.engine.checkpoint import save_checkpoint

@@ -187,11 +187,11 @@ def _cache_key(pairs: list[Sample], layout: Layout) -> str:
     digest = hashlib.sha256(f"medseg-cache-v{CACHE_VERSION}:{layout}".encode())
     for sample in pairs:
         for path in (sample.image, sample.mask):
-            digest.update(f"{_identity(path)};".encode())
+            digest.update(f"{file_identity(path)};".encode())
     return digest.hexdigest()[:24]
 
 
-def _identity(path: Path) -> str:
+def file_identity(path: Path) -> str:
     """Path, byte size and modification time of a source file, for the cache key.
 
     A file that cannot be stat'ed (a broken link, a link loop) keys on that instead: reading it

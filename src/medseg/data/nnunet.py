@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medseg.data.cache import _identity, cache_root
+from medseg.data.cache import cache_root, file_identity
 from medseg.data.dataset import read_dataset_info
 from medseg.data.io import read_image, read_label_map
 from medseg.errors import MedsegError
@@ -257,12 +257,12 @@ def kept_slices(labels: np.ndarray, case: str) -> list[int]:
 def _source_key(root: Path) -> str:
     settings = f"{FORMAT_VERSION}:{SLICE_AXIS}:{EMPTY_SLICE_SHARE}:{SEED}"
     digest = hashlib.sha256(f"medseg-nnunet-v{settings}".encode())
-    digest.update(f"{_identity(root / 'dataset.json')};".encode())
+    digest.update(f"{file_identity(root / 'dataset.json')};".encode())
     for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         folder = root / name
         if folder.is_dir():
             for path in sorted(folder.iterdir()):
-                digest.update(f"{_identity(path)};".encode())
+                digest.update(f"{file_identity(path)};".encode())
     return digest.hexdigest()[:24]
 
 
