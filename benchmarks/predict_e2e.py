@@ -10,6 +10,9 @@ probability at 0.5 and writes a mask of the image's own size as PNG:
 - medseg: the command line, ``medseg predict --checkpoint CKPT --input DIR --out OUT --tta
   none`` (its automatic precision: bf16 where the CPU computes it natively, else float32),
   with an untrained default network at 256×256 (weights do not change the speed);
+- medseg, int8: the same network exported by ``medseg export --format onnx --quantize int8``
+  (calibrated on the data root's train/ images), predicted through onnxruntime by the same
+  command;
 - smp: ``smp.DeepLabV3Plus("resnet50", encoder_weights=None)`` in float32, eval mode,
   ``torch.inference_mode``, the same steps written plainly (PIL decode, OpenCV resize, PNG).
 
@@ -67,20 +70,23 @@ def main() -> int:
     count = len(list(args.images.iterdir()))
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = untrained_checkpoint(Path(folder), SIZE)
+        int8 = _export_int8(checkpoint, args.images.parent.parent / "train", Path(folder))
+        runs = {"medseg predict": checkpoint, "medseg predict, int8": int8}
         rows = {
-            "medseg predict": [
-                _medseg(checkpoint, args.images, Path(folder)) for _ in range(args.repeats)
-            ],
-            "smp (fp32, plain)": [_smp(args.images, Path(folder)) for _ in range(args.repeats)],
+            name: [_medseg(model, args.images, Path(folder)) for _ in range(args.repeats)]
+            for name, model in runs.items()
         }
+        rows["smp (fp32, plain)"] = [_smp(args.images, Path(folder)) for _ in range(args.repeats)]
     medians = {name: statistics.median(seconds) for name, seconds in rows.items()}
     print(f"{count} images of {args.images}, {SIZE}×{SIZE}, batch {BATCH}; {hardware()}")
-    print(f"{'':<20} {'seconds':>8} {'images/s':>9}")
+    print(f"{'':<22} {'seconds':>8} {'images/s':>9}")
     for name, seconds in medians.items():
-        print(f"{name:<20} {seconds:>8.1f} {count / seconds:>9.1f}")
-    ratio = medians["smp (fp32, plain)"] / medians["medseg predict"]
-    print(f"medseg predict against smp, end to end (process start to last PNG): ×{ratio:.2f}")
-    print(json.dumps({"images": count, "seconds": medians, "ratio": ratio}))
+        print(f"{name:<22} {seconds:>8.1f} {count / seconds:>9.1f}")
+    smp = medians["smp (fp32, plain)"]
+    ratios = {name: smp / medians[name] for name in runs}
+    for name, ratio in ratios.items():
+        print(f"{name} against smp, end to end (process start to last PNG): ×{ratio:.2f}")
+    print(json.dumps({"images": count, "seconds": medians, "ratios": ratios}))
     return 0
 
 
@@ -91,6 +97,15 @@ def _medseg(checkpoint: Path, images: Path, folder: Path) -> float:
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - started
+
+
+def _export_int8(checkpoint: Path, calibration: Path, folder: Path) -> Path:
+    """The checkpoint as int8 ONNX (`medseg export`), calibrated on ``calibration``."""
+    out = folder / "int8"
+    command = ["medseg", "export", "--checkpoint", str(checkpoint), "--format", "onnx"]
+    command += ["--quantize", "int8", "--calibration", str(calibration), "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    return out
 
 
 def _smp(images: Path, folder: Path) -> float:
