@@ -4,6 +4,7 @@ patch-trained model predicting whole images by sliding window (`medseg.engine.sl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,39 @@ def test_the_predictor_of_a_patch_model_tiles_each_image(
     # 150 × 170 in 64-pixel tiles at half overlap: 4 rows × 5 columns, in batches of 8.
     assert seen == [(8, 3, 64, 64), (8, 3, 64, 64), (4, 3, 64, 64)]
     torch.testing.assert_close(torch.from_numpy(probability).min() >= 0, torch.tensor(True))
+
+
+def test_medseg_prepare_fills_the_native_cache_that_patch_training_reads(
+    vessel_root, tmp_path, tiny_flags, capsys
+):
+    assert main(["prepare", str(vessel_root)]) == 0
+    assert "cached" in capsys.readouterr().out
+    folders = {path.parent for path in Path(os.environ["MEDSEG_CACHE_DIR"]).rglob("images.bin")}
+    assert len(folders) == 2  # train/ and test/, each at the images' own size
+    run = tmp_path / "run"
+    flags = [*tiny_flags, "--epochs", "1"]
+    assert main(["train", "--data", str(vessel_root), "--out", str(run), *flags]) == 0
+    assert "preparing" not in capsys.readouterr().err  # the cache was ready
+    assert {
+        path.parent for path in Path(os.environ["MEDSEG_CACHE_DIR"]).rglob("images.bin")
+    } == folders
+
+
+def test_an_onnx_export_of_a_patch_model_predicts_by_sliding_window(
+    vessel_root, tmp_path, tiny_flags
+):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--data", str(vessel_root), "--out", str(run), *tiny_flags, "--epochs", "1"])
+        == 0
+    )
+    export = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(export)]) == 0
+    image = np.asarray(Image.open(vessel_root / "test" / "images" / "v0.png"))
+    exported = Predictor.from_checkpoint(export, tta="none")
+    assert exported.patches
+    by_onnx = exported.probabilities([image])[0]
+    by_torch = Predictor.from_checkpoint(run, tta="none").probabilities([image])[0]
+    assert by_onnx.shape == (150, 170)
+    np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, build_config
-from medseg.data.cache import prepare
+from medseg.data.cache import cache_layout, prepare
 from medseg.data.folder import SPLIT_NAMES, find_pairs, find_split, resolve_split_folder
 from medseg.data.io import read_image, read_target
 from medseg.data.plan import plan
@@ -169,7 +169,7 @@ def prepare_data(
     overrides = {"data.mask_suffix": mask_suffix, **({"data.image_size": size} if size else {})}
     data_root = root if find_split(root, "train") else folders[0].parent
     settings = plan(build_config(overrides=overrides), data_root).data
-    layout = {"size": settings.image_size, "channels": settings.channels, "labels": settings.labels}
+    layout = cache_layout(settings)
     results = []
     for folder in folders:
         pairs = find_pairs(folder, mask_suffix=mask_suffix)

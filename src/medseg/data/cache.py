@@ -140,6 +140,13 @@ class Layout:
         return self.size == 0
 
 
+def cache_layout(data) -> dict:
+    """`prepare`'s size, channels and labels for a planned `medseg.config.DataConfig`: patch
+    training caches the images at their own size (0)."""
+    size = 0 if data.mode == "patch" else data.image_size
+    return {"size": size, "channels": data.channels, "labels": data.labels}
+
+
 def prepare(
     samples: list[Sample],
     *,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
 from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
-from medseg.data.cache import prepare
+from medseg.data.cache import cache_layout, prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
 from medseg.data.nnunet import slice_root
@@ -532,13 +532,8 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
-    patches = data.mode == "patch"
-    # Patches are cut from the images at their own size (`medseg.data.patches`).
-    layout = {
-        "size": 0 if patches else data.image_size,
-        "channels": data.channels,
-        "labels": data.labels,
-    }
+    patches = data.mode == "patch"  # cut from the images at their own size (medseg.data.patches)
+    layout = cache_layout(data)
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
         train_cache, val_cache = (
             prepare(samples, **layout, skip_bad=data.skip_bad, progress=progress)
