@@ -107,9 +107,8 @@ def write_label_volume(path: Path, labels: np.ndarray, reference) -> None:
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)
     image = nib.Nifti1Image(labels, reference.affine, header)
-    image.header.set_slope_inter(
-        1, 0
-    )  # class values as stored: an image's scaling would alter them
+    # Class values as stored: a scaling inherited from the image's header would alter them.
+    image.header.set_slope_inter(1, 0)
     write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
 from medseg.data.cache import cache_layout, prepare
@@ -532,7 +532,7 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
     train_samples, val_samples = train_val_samples(
         data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
     )
-    patches = data.mode == "patch"  # cut from the images at their own size (medseg.data.patches)
+    patches = data.mode == "patch"
     layout = cache_layout(data)
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
         train_cache, val_cache = (
@@ -541,24 +541,7 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
         )
     for bad in train_cache.bad + val_cache.bad:
         print(f"skipped: {bad}")
-    pixels = {"channels": data.channels, "label_map": bool(data.labels)}
-    train_set = SegmentationFolder(
-        train_cache.samples,
-        train_transform(data.image_size, data.augment, **pixels),
-        cache=train_cache,
-    )
-    if patches:
-        train_set = PatchFolder(
-            train_set,
-            size=data.image_size,
-            per_image=patches_per_image(train_cache.masks.shapes, data.image_size),
-            foreground_fraction=data.foreground_fraction,
-        )
-    val_set = SegmentationFolder(
-        val_cache.samples,
-        eval_transform(None if patches else data.image_size, **pixels),
-        cache=val_cache,
-    )
+    train_set, val_set = _datasets(data, train_cache, val_cache)
     per_rank = math.ceil(len(train_set) / ranks.world_size)
     # Drop a last partial batch (a noisy step), unless the data set is smaller than one batch.
     drop_last = per_rank > settings.batch_size
@@ -591,6 +574,27 @@ def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device,
     val_batch = 1 if patches else settings.batch_size
     val_batches = BatchSampler(samplers["val"], val_batch, drop_last=False)
     return train_loader, DataLoader(val_set, batch_sampler=val_batches, **common)
+
+
+def _datasets(data: DataConfig, train_cache, val_cache) -> tuple[Dataset, SegmentationFolder]:
+    """The training items (resized images, or patches cut from them at their own size:
+    `medseg.data.patches`) and the validation images (whole, in patch mode)."""
+    patches = data.mode == "patch"
+    pixels = {"channels": data.channels, "label_map": bool(data.labels)}
+    train_set = SegmentationFolder(
+        train_cache.samples,
+        train_transform(data.image_size, data.augment, **pixels),
+        cache=train_cache,
+    )
+    if patches:
+        train_set = PatchFolder(
+            train_set,
+            size=data.image_size,
+            per_image=patches_per_image(train_cache.masks.shapes, data.image_size),
+            foreground_fraction=data.foreground_fraction,
+        )
+    val_transform = eval_transform(None if patches else data.image_size, **pixels)
+    return train_set, SegmentationFolder(val_cache.samples, val_transform, cache=val_cache)
 
 
 def _network(model: nn.Module, config: Config, device: torch.device, ranks: Ranks) -> nn.Module:
