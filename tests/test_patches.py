@@ -282,3 +282,15 @@ def test_an_onnx_export_of_a_patch_model_predicts_by_sliding_window(
     by_torch = Predictor.from_checkpoint(run, tta="none").probabilities([image])[0]
     assert by_onnx.shape == (150, 170)
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4)
+
+
+def test_an_unwritable_cache_folder_keeps_the_native_arrays_in_memory(tmp_path, monkeypatch):
+    import medseg.data.cache as cache
+
+    monkeypatch.setattr(cache, "_writable", lambda folder: False)
+    root = write_vessel_set(tmp_path / "v", n_train=2, n_test=0)
+    prepared = prepare(find_pairs(root / "train"), size=0, progress=False)
+    assert not isinstance(prepared.images.flat, np.memmap)
+    image, mask = prepared.get(1)
+    expected = np.asarray(Image.open(root / "train" / "images" / "v1.png"))
+    assert np.array_equal(image, expected) and mask.shape == (150, 170)

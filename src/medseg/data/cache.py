@@ -373,10 +373,10 @@ def _write_native(pairs: list[Sample], layout: Layout, images, masks, **decoding
         shapes.append(mask.shape)
         foreground.append(bool(mask.any()))
         kept.append(index)
-    empty = np.empty(0, np.uint8)
+    empty = np.empty(0, np.uint8)  # the shapes alone, until the written bytes are mapped
     return _Entry(
-        images=Ragged(empty, [(*shape, layout.channels) for shape in shapes], [0] * len(shapes)),
-        masks=Ragged(empty, shapes, [0] * len(shapes)),
+        images=Ragged(empty, [(*shape, layout.channels) for shape in shapes]),
+        masks=Ragged(empty, shapes),
         kept=kept,
         bad=bad,
         foreground=foreground,
