@@ -105,20 +105,52 @@ def _score_run(data: Path, run: Path, overrides: dict) -> dict:
 
 
 def _whole_image_agreement(run: Path, test: Path) -> dict:
-    """Dice between sliding-window masks and whole-image masks on 512 × 512 test crops."""
+    """Dice between sliding-window masks and whole-image masks on 512 × 512 test crops; also
+    with every tile given the whole image's image-pooling vector (ASPP's global branch), which
+    leaves the tiling as the only difference."""
     tiled = Predictor.from_checkpoint(run, tta="none")
     config = tiled.config
     whole_config = replace(config, data=replace(config.data, mode="resize", image_size=CROP))
     whole = Predictor(tiled.model, whole_config, tiled.device, tiled.precision, tta="none")
-    scores = []
+    pooling = tiled.model.aspp.branches[-1]  # ImagePooling: the global average branch
+    scores, shared_pooling = [], []
     for path in list_images(test / "images"):
         crop = read_image(path)[:CROP, :CROP]
         if crop.shape[:2] != (CROP, CROP):
             continue
-        [by_tiles], [at_once] = tiled.masks([crop]), whole.masks([crop])
-        counts = confusion_counts(torch.from_numpy(by_tiles)[None], torch.from_numpy(at_once)[None])
-        scores.append(float(dice(counts)[0]))
-    return {"images": len(scores), "mean_dice": float(np.mean(scores)), "min_dice": min(scores)}
+        [at_once] = whole.masks([crop])
+        scores.append(_dice(tiled.masks([crop])[0], at_once))
+        shared_pooling.append(_dice(_with_pooling_of(whole, tiled, crop, pooling), at_once))
+    return {
+        "images": len(scores),
+        "mean_dice": float(np.mean(scores)),
+        "min_dice": min(scores),
+        "shared_pooling_mean_dice": float(np.mean(shared_pooling)),
+        "shared_pooling_min_dice": min(shared_pooling),
+    }
+
+
+def _with_pooling_of(whole: Predictor, tiled: Predictor, crop: np.ndarray, pooling) -> np.ndarray:
+    """The sliding-window mask of ``crop`` with each tile's image pooling replaced by the whole
+    crop's (captured by a forward hook while the whole crop runs)."""
+    captured = {}
+    hook = pooling.register_forward_hook(
+        lambda module, inputs, output: captured.update(v=output[:, :, :1, :1])
+    )
+    whole.masks([crop])
+    hook.remove()
+    replace_output = pooling.register_forward_hook(
+        lambda module, inputs, output: captured["v"].expand(output.shape[0], -1, *output.shape[-2:])
+    )
+    try:
+        return tiled.masks([crop])[0]
+    finally:
+        replace_output.remove()
+
+
+def _dice(first: np.ndarray, second: np.ndarray) -> float:
+    counts = confusion_counts(torch.from_numpy(first)[None], torch.from_numpy(second)[None])
+    return float(dice(counts)[0])
 
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started by
@@ -177,7 +209,9 @@ def markdown(result: dict) -> str:
             "",
             f"Sliding window against the whole image at once, {agreement['images']} crops of "
             f"{CROP}×{CROP}: Dice {agreement['mean_dice']:.4f} mean, {agreement['min_dice']:.4f} "
-            f"lowest. Peak memory of `predict --tta none` on one image: {CROP}×{CROP} "
+            f"lowest; with the whole crop's image-pooling vector given to every tile "
+            f"{agreement.get('shared_pooling_mean_dice', float('nan')):.4f} mean, "
+            f"{agreement.get('shared_pooling_min_dice', float('nan')):.4f} lowest. Peak memory of `predict --tta none` on one image: {CROP}×{CROP} "
             f"{memory[str(CROP)]['mib']} MiB ({memory[str(CROP)]['seconds']:.0f} s), "
             f"{LARGE}×{LARGE} {memory[str(LARGE)]['mib']} MiB "
             f"({memory[str(LARGE)]['seconds']:.0f} s).",
