@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+from common import hardware, train_once
 
 import medseg
 from medseg.config import build_config
@@ -73,7 +72,7 @@ def main() -> int:
 
     data = _quick_subset(args.data, args.out) if args.quick else args.data
     saved = args.out / "accuracy.json"
-    results = {"hardware": _hardware(), "data": str(args.data), "quick": args.quick, "runs": {}}
+    results = {"hardware": hardware(), "data": str(args.data), "quick": args.quick, "runs": {}}
     if saved.is_file() and not args.quick:  # keep the other presets' results of earlier runs
         results["runs"] = json.loads(saved.read_text()).get("runs", {})
     for preset in args.presets:
@@ -85,7 +84,7 @@ def main() -> int:
             overrides["train.epochs"] = MIN_EPOCHS
         name = preset + (f"-{overrides['train.epochs']}ep" if "train.epochs" in overrides else "")
         run = args.out / name
-        train_seconds = _train(preset, data, run, overrides)
+        train_seconds = train_once(data, run, overrides, preset=preset)
         scores = {}
         for label, tta, postprocess in VARIANTS:
             started = time.perf_counter()
@@ -106,20 +105,6 @@ def main() -> int:
     saved.write_text(json.dumps(results, indent=2))
     print(f"hardware: {results['hardware']}; written {args.out / 'accuracy.json'}")
     return 0
-
-
-def _train(preset: str, data: Path, run: Path, overrides: dict) -> float:
-    finished = run / "result.json"
-    if finished.is_file():
-        return json.loads(finished.read_text())["train_seconds"]
-    started = time.perf_counter()
-    resume = (run / "checkpoints" / "last.pt").is_file()
-    medseg.train(
-        data=data, out=run, preset=preset, overrides=overrides, resume=resume, overwrite=not resume
-    )
-    seconds = time.perf_counter() - started
-    finished.write_text(json.dumps({"train_seconds": seconds, "resumed": resume}))
-    return seconds
 
 
 def _table(name: str, run: dict) -> str:
@@ -175,10 +160,6 @@ def _quick_subset(source: Path, out: Path) -> Path:
             mask = f"{image.stem}_segmentation.png"
             shutil.copy2(source / split / "masks" / mask, target / split / "masks" / mask)
     return target
-
-
-def _hardware() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {sys.version.split()[0]}"
 
 
 if __name__ == "__main__":

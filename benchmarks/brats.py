@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import hardware
 
 from medseg.cli import main as medseg
 
@@ -75,7 +74,7 @@ def main() -> int:
              + ["--out", str(evaluation), "--quiet"])  # fmt: skip
         summary = json.loads((evaluation / "summary.json").read_text())
     result = {
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "data": str(args.data),
         "train": SUBJECTS["Tr"],
         "test": SUBJECTS["Ts"],
@@ -158,14 +157,6 @@ def markdown(result: dict) -> str:
         f"the label volume kept the input's affine: {result['affine_kept']}.",
     ]
     return "\n".join(lines)
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo", encoding="utf-8") as info:  # Linux: the model's own name
-        cpu = next((line.split(":", 1)[1].strip() for line in info if "model name" in line), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}{gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

@@ -34,4 +34,5 @@ def hardware() -> str:
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo", encoding="utf-8") as info:  # Linux: the model's own name
         cpu = next((line.split(":", 1)[1].strip() for line in info if "model name" in line), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}{gpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
