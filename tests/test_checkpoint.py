@@ -240,3 +240,22 @@ def test_predictor_runs_at_the_checkpoints_image_size_not_todays_default(tiny_ch
     (probability,) = predictor.probabilities([image])
     assert seen[0].shape[-2:] == (64, 64)
     assert probability.shape == (50, 70)
+
+
+def test_a_checkpoint_with_untrained_atrous_taps_loads_with_them_zeroed(tmp_path):
+    torch.manual_seed(0)
+    config = build_config(
+        overrides={"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 128}
+    )
+    model = DeepLabV3Plus.from_config(config.model)  # random off-centre taps, as before the fix
+    state = {"config": config.to_dict(), "model": model.state_dict()}
+
+    rebuilt, _ = model_from_checkpoint(state, path=tmp_path / "old.pt")
+
+    for rate, kept in ((6, True), (12, False), (18, False)):
+        [conv] = [
+            module
+            for module in rebuilt.aspp.modules()
+            if isinstance(module, torch.nn.Conv2d) and module.dilation == (rate, rate)
+        ]
+        assert bool(conv.weight[..., 0, 0].abs().sum() > 0) is kept, rate

@@ -97,6 +97,8 @@ def model_from_checkpoint(
     config = config_of_checkpoint(state, path=path)
     model = DeepLabV3Plus.from_config(config.model, pretrained=False)
     load_weights(model, state["model"], path=path)
+    # Checkpoints written before training zeroed them hold random values there.
+    model.zero_taps_out_of_reach(config.data.image_size)
     return model, config
 
 

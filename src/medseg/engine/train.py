@@ -300,6 +300,7 @@ class TrainingSetup:
         )
         config = planned_epochs(config, steps_per_epoch=len(train_loader))
         model = DeepLabV3Plus.from_config(config.model, pretrained=pretrained)
+        model.zero_taps_out_of_reach(config.data.image_size)
         if settings.sync_bn:
             model = sync_batchnorm(model, device=device, ranks=ranks)
         model = model.to(device, memory_format=memory_format(settings.channels_last))

@@ -85,6 +85,7 @@ class ASPP(nn.Module):
         separable: bool = False,
     ):
         super().__init__()
+        self.rates = tuple(rates)
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, out_channels, kernel_size=1)]
             + [
@@ -104,3 +105,26 @@ class ASPP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pyramid = torch.cat([branch(x) for branch in self.branches], dim=1)  # (N, 5·256, h, w)
         return self.project(pyramid)
+
+    @torch.no_grad()
+    def zero_taps_out_of_reach(self, grid: int) -> None:
+        """Zero the off-centre taps of every atrous branch whose rate is ``grid`` or more.
+
+        On a ``grid`` × ``grid`` feature map such a tap reads zero padding from every position
+        (Chen et al. 2017, section 3.3: the 3×3 filter degenerates to its centre), so training
+        at that size never gives it a gradient and it keeps its random initial value. A larger
+        input, a whole image instead of the patches the network learned on, would multiply
+        those random values with real features; zeroed, the branch is at every input size the
+        1×1 filter it was in training. At the training size the output is unchanged.
+        """
+        for rate, branch in zip(self.rates, self.branches[1:-1], strict=True):
+            if rate < grid:
+                continue
+            atrous = next(
+                module
+                for module in branch.modules()
+                if isinstance(module, nn.Conv2d) and module.dilation == (rate, rate)
+            )
+            centre = atrous.weight[..., 1, 1].clone()
+            atrous.weight.zero_()
+            atrous.weight[..., 1, 1] = centre

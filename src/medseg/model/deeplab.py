@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,14 @@ class DeepLabV3Plus(nn.Module):
         from medseg.exports.pretrained import save_pretrained
 
         return save_pretrained(self, folder, config=config, **options)
+
+    def zero_taps_out_of_reach(self, input_size: int) -> None:
+        """Zero the ASPP taps that an ``input_size`` × ``input_size`` input never reaches, for a
+        network that trains (or was trained) at that size: see `ASPP.zero_taps_out_of_reach`.
+        A size of 0 (not planned yet) leaves every tap as it is."""
+        if input_size > 0:
+            grid = math.ceil(input_size / self.config["output_stride"])
+            self.aspp.zero_taps_out_of_reach(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
