@@ -349,16 +349,6 @@ def test_grayscale_model_takes_one_channel_and_sums_the_imagenet_stem_filters(tm
     assert model.eval()(torch.rand(2, 1, 48, 40)).shape == (2, 4, 48, 40)
 
 
-def atrous_weights(model: DeepLabV3Plus, rate: int) -> torch.Tensor:
-    """The 3×3 weights of the ASPP branch with dilation ``rate``."""
-    [conv] = [
-        module
-        for module in model.aspp.modules()
-        if isinstance(module, nn.Conv2d) and module.dilation == (rate, rate)
-    ]
-    return conv.weight
-
-
 def off_centre(weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([weights[..., 0, :], weights[..., 2, :], weights[..., 1, ::2]], dim=-1)
 
@@ -370,19 +360,19 @@ def test_atrous_taps_the_training_size_never_reaches_get_no_gradient_and_are_zer
     images = fixed_input(2, 3, 128, 128)  # an 8 × 8 feature map: rates 12 and 18 reach past it
     model(images).square().mean().backward()
     for rate, reached in ((6, True), (12, False), (18, False)):
-        gradient = off_centre(atrous_weights(model, rate).grad)
+        gradient = off_centre(model.aspp.atrous(rate).weight.grad)
         assert bool(gradient.abs().sum() > 0) is reached, rate
     model.eval()
-    before = {rate: atrous_weights(model, rate).detach().clone() for rate in (6, 12, 18)}
+    before = {rate: model.aspp.atrous(rate).weight.detach().clone() for rate in (6, 12, 18)}
     larger = fixed_input(1, 3, 256, 256)
     with torch.no_grad():
         at_training_size, at_larger_size = model(images), model(larger)
 
     model.zero_taps_out_of_reach(128)
 
-    assert torch.equal(atrous_weights(model, 6), before[6])
+    assert torch.equal(model.aspp.atrous(6).weight, before[6])
     for rate in (12, 18):
-        weights = atrous_weights(model, rate)
+        weights = model.aspp.atrous(rate).weight
         assert torch.equal(weights[..., 1, 1], before[rate][..., 1, 1])
         assert torch.count_nonzero(off_centre(weights)) == 0
     with torch.no_grad():

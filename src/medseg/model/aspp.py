@@ -117,14 +117,17 @@ class ASPP(nn.Module):
         those random values with real features; zeroed, the branch is at every input size the
         1×1 filter it was in training. At the training size the output is unchanged.
         """
-        for rate, branch in zip(self.rates, self.branches[1:-1], strict=True):
-            if rate < grid:
-                continue
-            atrous = next(
-                module
-                for module in branch.modules()
-                if isinstance(module, nn.Conv2d) and module.dilation == (rate, rate)
-            )
-            centre = atrous.weight[..., 1, 1].clone()
-            atrous.weight.zero_()
-            atrous.weight[..., 1, 1] = centre
+        for rate in self.rates:
+            if rate >= grid:
+                weight = self.atrous(rate).weight
+                centre = weight[..., 1, 1].clone()
+                weight.zero_()
+                weight[..., 1, 1] = centre
+
+    def atrous(self, rate: int) -> nn.Conv2d:
+        """The 3×3 convolution dilated by ``rate`` (the depthwise one of a separable branch)."""
+        return next(
+            module
+            for module in self.modules()
+            if isinstance(module, nn.Conv2d) and module.dilation == (rate, rate)
+        )
