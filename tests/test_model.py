@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+from medseg.config import build_config
 from medseg.errors import MedsegError
 from medseg.model import DeepLabV3Plus, build_backbone
 
@@ -378,3 +379,15 @@ def test_atrous_taps_the_training_size_never_reaches_get_no_gradient_and_are_zer
     with torch.no_grad():
         assert torch.equal(model(images), at_training_size)  # nothing changes where it trained
         assert not torch.allclose(model(larger), at_larger_size)  # random taps did read features
+
+
+def test_aspp_rates_given_build_those_branches_and_survive_a_config_round_trip():
+    config = build_config(overrides={"model.aspp_rates": [3, 6, 9], "model.backbone": "resnet18"})
+    model = DeepLabV3Plus.from_config(config.model, pretrained=False)
+    assert model.aspp.rates == (3, 6, 9) and model.config["aspp_rates"] == [3, 6, 9]
+    assert len(model.aspp.branches) == 5  # 1×1, three atrous, image pooling
+    assert DeepLabV3Plus(backbone="resnet18").aspp.rates == (6, 12, 18)  # none given: the paper's
+    with pytest.raises(MedsegError, match=r"model.aspp_rates=\[0, 6\] is impossible"):
+        build_config(overrides={"model.aspp_rates": [0, 6]})
+    with pytest.raises(MedsegError, match="model.aspp_rates=.*wrong type"):
+        build_config(overrides={"model.aspp_rates": ["six"]})

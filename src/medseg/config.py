@@ -62,6 +62,8 @@ class ModelConfig:
     # Atrous separable 3×3 convolutions in the ASPP and decoder, as in Chen et al. 2018: less
     # than half the multiply-adds of the whole network. False: plain 3×3 (the seed's network).
     separable: bool = True
+    # The ASPP's atrous rates; empty: the paper's for the output stride (6, 12, 18 at 16).
+    aspp_rates: list[int] = field(default_factory=list)
     # Set from the data (data.labels, data.channels): 1 output for binary masks (sigmoid),
     # K for K classes (softmax); the input channels are the images'.
     num_classes: int = 1
@@ -299,6 +301,10 @@ def validate(config: Config) -> None:
             f"data.image_size={config.data.image_size} is impossible; it must be at least 32 "
             f"(or 0: planned from the data)"
         )
+    if any(rate < 1 for rate in config.model.aspp_rates):
+        raise MedsegError(
+            f"model.aspp_rates={config.model.aspp_rates} is impossible; every rate must be at least 1"
+        )
     if config.model.variant == "seed" and config.model.output_stride != 16:
         raise MedsegError(
             "model.output_stride=8 needs model.variant=paper (the seed variant is stride 16)"
@@ -374,7 +380,10 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if typing.get_origin(option) is list:
-            if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+            [item_type] = typing.get_args(option)
+            if isinstance(value, list | tuple) and all(
+                isinstance(item, item_type) and not isinstance(item, bool) for item in value
+            ):
                 return list(value)
             continue
         if option is bool and isinstance(value, bool):

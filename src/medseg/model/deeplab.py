@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 # used: a saved config without the key was trained that way.
 LEGACY_SETTINGS = {"separable": False}
 
+# The paper's ASPP rates at each output stride (Chen et al. 2017, chosen for 513 × 513 crops),
+# doubled at stride 8 so that the receptive fields cover the same part of the image.
+PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabv3+ for segmentation; logits of the same height and width as the input.
@@ -45,6 +49,7 @@ class DeepLabV3Plus(nn.Module):
         aspp_dropout: float = 0.1,
         separable: bool = True,
         in_channels: int = 3,
+        aspp_rates: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         self.config = {
@@ -55,6 +60,7 @@ class DeepLabV3Plus(nn.Module):
             "output_stride": output_stride,
             "aspp_dropout": aspp_dropout,
             "separable": separable,
+            "aspp_rates": list(aspp_rates),
         }
         self.backbone = build_backbone(
             name=backbone,
@@ -63,9 +69,7 @@ class DeepLabV3Plus(nn.Module):
             pretrained=pretrained,
             in_channels=in_channels,
         )
-        # Rates are those of the paper at output stride 16, doubled at output stride 8 so the
-        # receptive fields cover the same part of the image.
-        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        rates = tuple(aspp_rates) or PAPER_RATES[output_stride]
         self.aspp = ASPP(
             self.backbone.deep_channels, rates=rates, dropout=aspp_dropout, separable=separable
         )
@@ -86,6 +90,7 @@ class DeepLabV3Plus(nn.Module):
             pretrained=config.pretrained if pretrained is None else pretrained,
             aspp_dropout=config.aspp_dropout,
             separable=config.separable,
+            aspp_rates=config.aspp_rates,
         )
 
     @classmethod
