@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medseg.config import build_config
-from medseg.data.plan import MIN_EPOCHS, MIN_STEPS, planned_epochs
+from medseg.data.plan import MIN_EPOCHS, MIN_PATCH_STEPS, MIN_STEPS, planned_epochs
 from medseg.engine.train import build_scheduler, learning_rate_factor
 
 
@@ -53,3 +53,9 @@ def test_planned_epochs_keep_the_recipe_or_make_enough_steps(steps_per_epoch, ex
     assert f"{expected} epochs of {steps_per_epoch} steps" in capsys.readouterr().out
     given = build_config(overrides={"train.epochs": 3})
     assert planned_epochs(given, steps_per_epoch) is given  # an explicit choice is kept
+
+
+def test_patch_training_plans_more_steps_than_resized_training():
+    patches = build_config(overrides={"data.mode": "patch", "data.image_size": 256})
+    assert planned_epochs(patches, 6).train.epochs == math.ceil(MIN_PATCH_STEPS / 6) == 134
+    assert planned_epochs(build_config(), 6).train.epochs == math.ceil(MIN_STEPS / 6) == 100

@@ -19,7 +19,8 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
 - Epochs (`planned_epochs`, once the batches are known): `MIN_EPOCHS`, the default recipe's
   (ISIC: 95 steps an epoch), or as many as make `MIN_STEPS` optimizer steps on a small data
   set (JSRT's 112 training images are 7 steps an epoch), as nnU-Net fixes the number of
-  iterations rather than of epochs.
+  iterations rather than of epochs; `MIN_PATCH_STEPS` for patch training, what a 2-core CPU
+  trains within the hour at `PATCH_SIZE` (DRIVE: README Results).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean
 PATCH_SIZE = 256  # enough context for a vessel or a nucleus; what a 2-core CPU trains in an hour
 MIN_EPOCHS = 50
 MIN_STEPS = 600
+MIN_PATCH_STEPS = 800
 
 
 def plan(config: Config, data_root: str | Path) -> Config:
@@ -80,10 +82,11 @@ def planned_epochs(config: Config, steps_per_epoch: int) -> Config:
     """``config`` with ``train.epochs`` planned when it is 0 (see the module docstring)."""
     if config.train.epochs:
         return config
-    epochs = max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(steps_per_epoch, 1)))
+    steps = MIN_PATCH_STEPS if config.data.mode == "patch" else MIN_STEPS
+    epochs = max(MIN_EPOCHS, math.ceil(steps / max(steps_per_epoch, 1)))
     print(
         f"plan from the data: {epochs} epochs of {steps_per_epoch} steps "
-        f"(at least {MIN_EPOCHS} epochs and {MIN_STEPS} steps)"
+        f"(at least {MIN_EPOCHS} epochs and {steps} steps)"
     )
     return replace(config, train=replace(config.train, epochs=epochs))
 
