@@ -145,6 +145,16 @@ def test_model_save_pretrained_with_and_without_the_run_config(multiclass_checkp
         model.save_pretrained(tmp_path / "bare")
 
 
+def test_a_pretrained_folder_keeps_the_aspp_rates_the_model_was_built_with(tmp_path):
+    model = DeepLabV3Plus(backbone="resnet18", aspp_rates=(3, 6, 9)).eval()
+    model.save_pretrained(tmp_path / "rates")
+    loaded = DeepLabV3Plus.from_pretrained(tmp_path / "rates")
+    assert loaded.aspp.rates == (3, 6, 9)
+    batch = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))
+
+
 def test_predict_evaluate_and_visualize_take_a_pretrained_folder(
     tiny_checkpoint, synthetic_root, tmp_path
 ):
