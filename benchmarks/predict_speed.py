@@ -9,7 +9,9 @@ applies to predict, evaluate and visualize).
 
 Each row is a new Python process that loads the checkpoint and segments `--batches` batches of
 random 256×256 images (TTA none); the first batch is the cold one a short `predict` pays, the
-median of the others the pace of a long one. Medians over `--repeats` processes.
+median of the others the pace of a long one. Medians over `--repeats` processes. "warm" is
+glibc's default allocator after two training steps in the same process: the state in which
+`benchmarks/speed.py` times inference, against which predict's pace is judged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ rng = np.random.default_rng(0)
 size, batch, batches = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
 predictor = Predictor.from_checkpoint(sys.argv[1], tta="none")
+if sys.argv[2] == "warm":  # benchmarks/speed.py's state: two training steps before inference
+    import torch
+    predictor.model.train()
+    batch_tensor = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        predictor.model(batch_tensor).mean().backward()
+    predictor.model.zero_grad(set_to_none=True)
+    predictor.model.eval()
 seconds = []
 for _ in range(batches):
     started = time.perf_counter()
@@ -82,16 +92,23 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = untrained_checkpoint(Path(folder), args.size)
-        rows = {mode: _measure(mode, checkpoint, args) for mode in ("default", "tuned")}
+        modes = ("default", "tuned") if args.train else ("default", "tuned", "warm")
+        rows = {mode: _measure(mode, checkpoint, args) for mode in modes}
     print(("training steps" if args.train else "inference") + f" at {args.size}×{args.size}")
     print(f"{'allocator':<10} {'first batch ms/img':>20} {'later batches ms/img':>22}")
     for mode, (first, later) in rows.items():
         print(f"{mode:<10} {first:>20.1f} {later:>22.1f}")
-    (first_default, later_default), (first_tuned, later_tuned) = rows.values()
+    (first_default, later_default), (first_tuned, later_tuned) = rows["default"], rows["tuned"]
     print(
         f"tuned against default: first batch ×{first_default / first_tuned:.2f}, "
         f"later batches ×{later_default / later_tuned:.2f}"
     )
+    if "warm" in rows:
+        later_warm = rows["warm"][1]
+        print(
+            f"tuned (as predict runs) against warm (in-process, as speed.py): first batch "
+            f"{first_tuned / later_warm - 1:+.0%}, later batches {later_tuned / later_warm - 1:+.0%}"
+        )
     print(json.dumps({mode: {"first": f, "later": later} for mode, (f, later) in rows.items()}))
     return 0
 
