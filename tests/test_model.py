@@ -389,5 +389,7 @@ def test_aspp_rates_given_build_those_branches_and_survive_a_config_round_trip()
     assert DeepLabV3Plus(backbone="resnet18").aspp.rates == (6, 12, 18)  # none given: the paper's
     with pytest.raises(MedsegError, match=r"model.aspp_rates=\[0, 6\] is impossible"):
         build_config(overrides={"model.aspp_rates": [0, 6]})
+    with pytest.raises(MedsegError, match=r"model.aspp_rates=\[6, 6\] is impossible"):
+        build_config(overrides={"model.aspp_rates": [6, 6]})  # two equal branches
     with pytest.raises(MedsegError, match="model.aspp_rates=.*wrong type"):
         build_config(overrides={"model.aspp_rates": ["six"]})

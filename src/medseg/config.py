@@ -301,9 +301,10 @@ def validate(config: Config) -> None:
             f"data.image_size={config.data.image_size} is impossible; it must be at least 32 "
             f"(or 0: planned from the data)"
         )
-    if any(rate < 1 for rate in config.model.aspp_rates):
+    rates = config.model.aspp_rates
+    if any(rate < 1 for rate in rates) or len(set(rates)) != len(rates):
         raise MedsegError(
-            f"model.aspp_rates={config.model.aspp_rates} is impossible; every rate must be at least 1"
+            f"model.aspp_rates={rates} is impossible; each rate must be at least 1, and given once"
         )
     if config.model.variant == "seed" and config.model.output_stride != 16:
         raise MedsegError(
