@@ -145,11 +145,11 @@ def test_model_save_pretrained_with_and_without_the_run_config(multiclass_checkp
         model.save_pretrained(tmp_path / "bare")
 
 
-def test_a_pretrained_folder_keeps_the_aspp_rates_the_model_was_built_with(tmp_path):
-    model = DeepLabV3Plus(backbone="resnet18", aspp_rates=(3, 6, 9)).eval()
+def test_a_pretrained_folder_keeps_the_aspp_rates_and_decoder_the_model_was_built_with(tmp_path):
+    model = DeepLabV3Plus(backbone="resnet18", aspp_rates=(3, 6, 9), decoder_stride=2).eval()
     model.save_pretrained(tmp_path / "rates")
     loaded = DeepLabV3Plus.from_pretrained(tmp_path / "rates")
-    assert loaded.aspp.rates == (3, 6, 9)
+    assert loaded.aspp.rates == (3, 6, 9) and loaded.decoder.fine is not None
     batch = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
@@ -477,4 +477,5 @@ def test_the_model_card_comes_from_the_run_folder(label_map_root, tmp_path):
     assert f"`{label_map_root.resolve()}`, 8 images in its train/images" in card
     assert "not a medical device" in card and "check it on your own labelled images" in card
     assert "grayscale images (uint8), resized to 64×64" in card
+    assert "logits at stride 4" in card  # resized images: the paper's decoder
     assert "1 epoch from scratch, batch 4" in card

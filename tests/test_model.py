@@ -108,6 +108,7 @@ def test_backbone_channels_and_strides(backbone, variant, output_stride):
 
     assert network.low_level_channels == low_channels
     assert network.deep_channels == deep_channels
+    assert features["stem"].shape == (1, network.stem_channels, 64 // 2, 128 // 2)
     assert features["low_level"].shape == (1, low_channels, 64 // 4, 128 // 4)
     assert features["deep"].shape == (
         1,
@@ -174,6 +175,7 @@ def test_unfreeze_in_eval_mode_leaves_the_backbone_in_eval():
         ({"variant": "deeplabv3"}, "unknown variant 'deeplabv3'; choose one of seed, paper"),
         ({"variant": "seed", "output_stride": 8}, "choose one of 16$"),
         ({"variant": "paper", "output_stride": 32}, "choose one of 8, 16$"),
+        ({"decoder_stride": 8}, "decoder_stride=8 is not available; choose one of 4, 2$"),
     ],
 )
 def test_invalid_choices_list_the_valid_ones(arguments, message):
@@ -294,7 +296,7 @@ def test_separable_head_has_depthwise_convs_and_far_fewer_flops_than_plain():
     assert logits.shape == (2, 1, 70, 90)
 
 
-def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
+def test_checkpoint_from_before_the_separable_and_decoder_options_loads_as_trained(tmp_path):
     from medseg.config import build_config
     from medseg.engine.checkpoint import (
         load_checkpoint,
@@ -311,11 +313,12 @@ def test_checkpoint_from_before_the_separable_option_loads_as_plain(tmp_path):
     )
     weights = DeepLabV3Plus.from_config(config.model).state_dict()
     old_config = config.to_dict()
-    del old_config["model"]["separable"]
+    del old_config["model"]["separable"], old_config["model"]["decoder_stride"]
     path = tmp_path / "old.pt"
     save_checkpoint(path, {"config": old_config, "model": weights, "epoch": 1, "metrics": {}})
     model, loaded_config = model_from_checkpoint(load_checkpoint(path), path=path)
     assert loaded_config.model.separable is False
+    assert loaded_config.model.decoder_stride == 4 and model.decoder.fine is None
     assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
 
 
@@ -393,3 +396,41 @@ def test_aspp_rates_given_build_those_branches_and_survive_a_config_round_trip()
         build_config(overrides={"model.aspp_rates": [6, 6]})  # two equal branches
     with pytest.raises(MedsegError, match="model.aspp_rates=.*wrong type"):
         build_config(overrides={"model.aspp_rates": ["six"]})
+
+
+@pytest.mark.parametrize("variant", ["seed", "paper"])
+def test_the_fine_decoder_classifies_at_stride_2_and_every_parameter_trains(variant):
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(backbone="resnet18", variant=variant, decoder_stride=2).train()
+    classified = []
+    model.decoder.classifier.register_forward_hook(
+        lambda module, inputs, output: classified.append(tuple(output.shape))
+    )
+    logits = model(fixed_input(2, 3, 65, 97))
+    logits.square().mean().backward()
+    assert logits.shape == (2, 1, 65, 97)
+    assert classified == [(2, 1, 33, 49)]  # half of 65 × 97, rounded up as the stem rounds
+    papers = DeepLabV3Plus(backbone="resnet18", variant=variant).eval()
+    papers.decoder.classifier.register_forward_hook(
+        lambda module, inputs, output: classified.append(tuple(output.shape))
+    )
+    with torch.no_grad():
+        papers(fixed_input(2, 3, 65, 97))
+    assert classified[1] == (2, 1, 17, 25)  # the paper's decoder: a quarter
+    assert [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.grad is None or not parameter.grad.abs().sum() > 0
+    ] == []
+
+
+def test_the_decoder_stride_is_planned_unless_set_and_the_unplanned_default_is_the_papers():
+    unplanned = build_config(overrides={"model.backbone": "resnet18"})
+    assert unplanned.model.decoder_stride == 0
+    assert DeepLabV3Plus.from_config(unplanned.model, pretrained=False).decoder.fine is None
+    config = build_config(overrides={"model.decoder_stride": 2, "model.backbone": "resnet18"})
+    assert DeepLabV3Plus.from_config(config.model, pretrained=False).decoder.fine is not None
+    with pytest.raises(
+        MedsegError, match="model.decoder_stride=3 is not valid; choose one of 0, 4, 2"
+    ):
+        build_config(overrides={"model.decoder_stride": 3})

@@ -56,9 +56,12 @@ def vessel_root(tmp_path):
 def test_thin_structures_plan_patches_and_blobs_plan_a_resize(vessel_root, synthetic_root, capsys):
     planned = plan(build_config(), vessel_root)
     assert (planned.data.mode, planned.data.image_size) == ("patch", 128)  # 150 // 32 * 32
-    assert "patches of 128×128 at the images' own resolution" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "patches of 128×128 at the images' own resolution" in printed
+    assert planned.model.decoder_stride == 2 and "decoder at stride 2" in printed
     blobs = plan(build_config(), synthetic_root)
     assert blobs.data.mode == "resize" and blobs.data.image_size > 0
+    assert blobs.model.decoder_stride == 4
 
 
 def test_the_mode_and_size_a_config_sets_are_kept(vessel_root):
@@ -66,6 +69,8 @@ def test_the_mode_and_size_a_config_sets_are_kept(vessel_root):
     assert resized.data.mode == "resize" and resized.data.image_size > 0
     patches = plan(build_config(overrides={"data.image_size": 64}), vessel_root)
     assert (patches.data.mode, patches.data.image_size) == ("patch", 64)
+    papers = plan(build_config(overrides={"model.decoder_stride": 4}), vessel_root)
+    assert (papers.data.mode, papers.model.decoder_stride) == ("patch", 4)
 
 
 def test_runs_saved_before_patch_training_read_as_resized():
@@ -186,6 +191,7 @@ def test_a_patch_trained_run_predicts_and_evaluates_whole_images(vessel_root, tm
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["mode"] == "patch" and saved["data"]["image_size"] == 64
+    assert saved["model"]["decoder_stride"] == 2
     out = tmp_path / "masks"
     test_images = vessel_root / "test" / "images"
     assert (
@@ -282,6 +288,9 @@ def test_an_onnx_export_of_a_patch_model_predicts_by_sliding_window(
     by_torch = Predictor.from_checkpoint(run, tta="none").probabilities([image])[0]
     assert by_onnx.shape == (150, 170)
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4)
+    card = (export / "README.md").read_text()
+    assert "at their own size, in Gaussian-weighted overlapping tiles of 64×64" in card
+    assert "logits at stride 2" in card
 
 
 def test_an_unwritable_cache_folder_keeps_the_native_arrays_in_memory(tmp_path, monkeypatch):

@@ -64,6 +64,9 @@ class ModelConfig:
     separable: bool = True
     # The ASPP's atrous rates; empty: the paper's for the output stride (6, 12, 18 at 16).
     aspp_rates: list[int] = field(default_factory=list)
+    # Where the decoder's logits are: 4, the paper's; 2, one more stage joining the stem's
+    # features, for structures a few pixels wide. 0: planned from the data (2 for patches).
+    decoder_stride: int = 0
     # Set from the data (data.labels, data.channels): 1 output for binary masks (sigmoid),
     # K for K classes (softmax); the input channels are the images'.
     num_classes: int = 1
@@ -133,7 +136,7 @@ def choices() -> dict[tuple[str, str], tuple]:
     from medseg.data.transforms import AUGMENTATIONS
     from medseg.engine.runtime import PRECISIONS
     from medseg.losses import LOSSES
-    from medseg.model import RESNETS, VARIANTS
+    from medseg.model import DECODER_STRIDES, RESNETS, VARIANTS
 
     return {
         ("data", "mode"): ("auto", "resize", "patch"),
@@ -142,6 +145,7 @@ def choices() -> dict[tuple[str, str], tuple]:
         ("model", "backbone"): tuple(RESNETS),
         ("model", "variant"): VARIANTS,
         ("model", "output_stride"): (8, 16),
+        ("model", "decoder_stride"): (0, *DECODER_STRIDES),
         ("train", "optimizer"): ("adam", "adamw"),
         ("train", "schedule"): ("constant", "cosine", "poly"),
         ("train", "loss"): tuple(LOSSES),

@@ -14,6 +14,9 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
   images' own keeps them (retinal vessels are 1-3 pixels wide), the network trains on
   patches at the images' own resolution (``data.mode=patch``) of `PATCH_SIZE`, or the largest
   multiple of 32 the smallest image holds, and predicts by sliding window.
+- Decoder stride: the paper's 4 for resized images; 2 for patches, whose structures are the
+  ones no resize keeps: DRIVE's vessel masks keep Dice 0.78 through a round trip to a quarter
+  of their size, 0.92 to half (README Results).
 - Augmentation: "default" (flips and turns) for binary masks; "anatomy" (no flips) for label
   maps, whose classes often have a side (a right and a left lung).
 - Epochs (`planned_epochs`, once the batches are known): `MIN_EPOCHS`, the default recipe's
@@ -71,6 +74,9 @@ def plan(config: Config, data_root: str | Path) -> Config:
     if data.augment == "auto":
         data.augment = augmentation_for(labels)
         notes.append(f"augmentation {data.augment!r}")
+    if model.decoder_stride == 0:
+        model.decoder_stride = 2 if data.mode == "patch" else 4
+        notes.append(f"decoder at stride {model.decoder_stride}")
     planned = replace(config, data=data, model=model)
     validate(planned)
     if notes:

@@ -130,13 +130,9 @@ def model_card(
         "",
         f"- DeepLabv3+, backbone {model.backbone} ({model.variant} variant), output stride "
         f"{model.output_stride}, {'separable' if model.separable else 'plain'} 3×3 "
-        f"convolutions in the ASPP and decoder.",
-        f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), resized to "
-        + (
-            f"{data.image_size}×{data.image_size}"
-            if data.image_size
-            else "a size not recorded (saved without the run's config)"
-        )
+        f"convolutions in the ASPP and decoder, logits at stride {model.decoder_stride or 4}.",
+        f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
+        + _input_size(data)
         + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "
         "per channel.",
         _output_line(config),
@@ -162,6 +158,15 @@ def model_card(
 
 def _numbers(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
+
+
+def _input_size(data) -> str:
+    if not data.image_size:
+        return "resized to a size not recorded (saved without the run's config)"
+    side = f"{data.image_size}×{data.image_size}"
+    if data.mode == "patch":
+        return f"at their own size, in Gaussian-weighted overlapping tiles of {side}"
+    return f"resized to {side}"
 
 
 def _output_line(config: Config) -> str:

@@ -19,6 +19,7 @@ from medseg.errors import MedsegError
 from medseg.exports.card import Provenance, model_card
 from medseg.exports.folder import medseg_version, read_json, require, staged_export
 from medseg.model import DeepLabV3Plus
+from medseg.model.deeplab import model_arguments
 
 FORMAT = "medseg-pretrained"
 FORMAT_VERSION = 1
@@ -153,8 +154,9 @@ def config_of_model(model: DeepLabV3Plus) -> Config:
 
 def _check_matches(model: DeepLabV3Plus, config: Config) -> None:
     """The config must rebuild this very network, or loading the folder would fail later."""
+    described = model_arguments(config.model)
     for key, value in model.config.items():
-        if getattr(config.model, key) != value:
+        if described[key] != value:
             raise MedsegError(
                 f"config.model.{key}={getattr(config.model, key)!r} but the model has "
                 f"{key}={value!r}; pass the config the model was built from"

@@ -8,8 +8,8 @@ Two cuts of the same torchvision ResNet:
 - ``variant="paper"``: Chen et al. 2018. The full backbone; the last stage (or the last two for
   output stride 8) trades its stride for dilation so the deep features stay at stride 16 (or 8).
 
-The backbone returns ``{"low_level": ..., "deep": ...}`` so the rest of the model never needs
-to know which ResNet or which cut it was given.
+The backbone returns ``{"stem": ..., "low_level": ..., "deep": ...}`` so the rest of the model
+never needs to know which ResNet or which cut it was given.
 """
 
 from __future__ import annotations
@@ -36,30 +36,35 @@ VARIANTS = ("seed", "paper")
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet that returns low-level (stride 4) and deep (stride 8/16) features.
+    """A torchvision ResNet that returns the stem's (stride 2), low-level (stride 4) and deep
+    (stride 8/16) features.
 
-    Input ``(N, 3, H, W)``; output ``{"low_level": (N, C_low, H/4, W/4),
-    "deep": (N, C_deep, H/os, W/os)}`` (sizes rounded up, as the strided convolutions do).
+    Input ``(N, 3, H, W)``; output ``{"stem": (N, 64, H/2, W/2), "low_level": (N, C_low, H/4,
+    W/4), "deep": (N, C_deep, H/os, W/os)}`` (sizes rounded up, as the strided convolutions do).
     """
 
     def __init__(
         self, resnet: models.ResNet, *, use_layer4: bool, low_channels: int, deep_channels: int
     ):
         super().__init__()
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        # The max-pool has no weights: apart from the stem, state-dict keys stay torchvision's.
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu)
+        self.maxpool = resnet.maxpool
         self.layer1 = resnet.layer1
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4 if use_layer4 else None
+        self.stem_channels = resnet.conv1.out_channels
         self.low_level_channels = low_channels
         self.deep_channels = deep_channels
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        low_level = self.layer1(self.stem(x))  # stride 4
+        stem = self.stem(x)  # stride 2
+        low_level = self.layer1(self.maxpool(stem))  # stride 4
         deep = self.layer3(self.layer2(low_level))  # stride 16 (8 when layer 3 is dilated)
         if self.layer4 is not None:
             deep = self.layer4(deep)  # dilated: keeps layer 3's stride
-        return {"low_level": low_level, "deep": deep}
+        return {"stem": stem, "low_level": low_level, "deep": deep}
 
 
 def build_backbone(

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.errors import MedsegError
 from medseg.model.aspp import ASPP
 from medseg.model.backbone import build_backbone
-from medseg.model.decoder import Decoder
+from medseg.model.decoder import DECODER_STRIDES, Decoder
 
 if TYPE_CHECKING:
     from medseg.config import Config, ModelConfig
@@ -20,11 +21,28 @@ if TYPE_CHECKING:
 
 # Model settings added after checkpoints had been written, with the value those older runs
 # used: a saved config without the key was trained that way.
-LEGACY_SETTINGS = {"separable": False}
+LEGACY_SETTINGS = {"separable": False, "decoder_stride": 4}
 
 # The paper's ASPP rates at each output stride (Chen et al. 2017, chosen for 513 × 513 crops),
 # doubled at stride 8 so that the receptive fields cover the same part of the image.
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+PAPER_DECODER_STRIDE = 4  # what a config's 0 (planned from the data) builds before planning
+
+
+def model_arguments(config: ModelConfig) -> dict:
+    """The `DeepLabV3Plus` arguments (its ``config``, all but the weights) that a run's
+    ``model`` settings stand for."""
+    return {
+        "num_classes": config.num_classes,
+        "in_channels": config.in_channels,
+        "backbone": config.backbone,
+        "variant": config.variant,
+        "output_stride": config.output_stride,
+        "aspp_dropout": config.aspp_dropout,
+        "separable": config.separable,
+        "aspp_rates": list(config.aspp_rates),
+        "decoder_stride": config.decoder_stride or PAPER_DECODER_STRIDE,
+    }
 
 
 class DeepLabV3Plus(nn.Module):
@@ -33,7 +51,8 @@ class DeepLabV3Plus(nn.Module):
     Input ``(N, in_channels, H, W)`` float (normalised), any H and W of at least 32 pixels;
     output logits ``(N, num_classes, H, W)``. For binary masks, ``num_classes=1`` and
     ``sigmoid(logits) > threshold`` is the mask; for K classes, ``num_classes=K`` and the label
-    map is ``logits.argmax(1)``.
+    map is ``logits.argmax(1)``. ``decoder_stride`` 4 is the paper's decoder; 2 adds a stage
+    that joins the stem's stride-2 features (`medseg.model.decoder.FineStage`).
 
     Keyword arguments are stored in ``self.config`` so a checkpoint can rebuild the model.
     """
@@ -50,8 +69,14 @@ class DeepLabV3Plus(nn.Module):
         separable: bool = True,
         in_channels: int = 3,
         aspp_rates: tuple[int, ...] | list[int] = (),
+        decoder_stride: int = 4,
     ):
         super().__init__()
+        if decoder_stride not in DECODER_STRIDES:
+            raise MedsegError(
+                f"decoder_stride={decoder_stride} is not available; choose one of "
+                f"{', '.join(map(str, DECODER_STRIDES))}"
+            )
         self.config = {
             "num_classes": num_classes,
             "in_channels": in_channels,
@@ -61,6 +86,7 @@ class DeepLabV3Plus(nn.Module):
             "aspp_dropout": aspp_dropout,
             "separable": separable,
             "aspp_rates": list(aspp_rates),
+            "decoder_stride": decoder_stride,
         }
         self.backbone = build_backbone(
             name=backbone,
@@ -73,7 +99,12 @@ class DeepLabV3Plus(nn.Module):
         self.aspp = ASPP(
             self.backbone.deep_channels, rates=rates, dropout=aspp_dropout, separable=separable
         )
-        self.decoder = Decoder(self.backbone.low_level_channels, num_classes, separable=separable)
+        self.decoder = Decoder(
+            self.backbone.low_level_channels,
+            num_classes,
+            separable=separable,
+            stem_channels=self.backbone.stem_channels if decoder_stride == 2 else 0,
+        )
         self.backbone_frozen = False
 
     @classmethod
@@ -82,15 +113,8 @@ class DeepLabV3Plus(nn.Module):
     ) -> DeepLabV3Plus:
         """The network a run's ``model`` settings describe (``pretrained`` overrides theirs)."""
         return cls(
-            num_classes=config.num_classes,
-            in_channels=config.in_channels,
-            backbone=config.backbone,
-            variant=config.variant,
-            output_stride=config.output_stride,
+            **model_arguments(config),
             pretrained=config.pretrained if pretrained is None else pretrained,
-            aspp_dropout=config.aspp_dropout,
-            separable=config.separable,
-            aspp_rates=config.aspp_rates,
         )
 
     @classmethod
@@ -125,7 +149,8 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         context = self.aspp(features["deep"])  # (N, 256, H/16, W/16)
-        logits = self.decoder(context, features["low_level"])  # (N, classes, H/4, W/4)
+        # (N, classes, H/4, W/4), or H/2 × W/2 with the fine stage
+        logits = self.decoder(context, features["low_level"], features["stem"])
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def freeze_backbone(self) -> None:
