@@ -71,7 +71,7 @@ class FineStage(nn.Module):
 
     The coarse features are narrowed to ``channels`` before they are upsampled, and the stem's
     features projected to ``projection`` channels (as the paper projects its low-level ones to
-    48): at 32 and 16 a 256 × 256 training step costs about 8% more (64 and 32: 17%).
+    48), so that the stage stays small beside the network (its cost: README, The model).
     """
 
     def __init__(
