@@ -21,6 +21,7 @@ from medseg.data.transforms import normalisation
 from medseg.engine.run_folder import RunFolder
 from medseg.errors import MedsegError
 from medseg.exports.folder import medseg_version
+from medseg.model.deeplab import model_arguments
 
 
 @dataclass
@@ -130,7 +131,7 @@ def model_card(
         "",
         f"- DeepLabv3+, backbone {model.backbone} ({model.variant} variant), output stride "
         f"{model.output_stride}, {'separable' if model.separable else 'plain'} 3×3 "
-        f"convolutions in the ASPP and decoder, logits at stride {model.decoder_stride or 4}.",
+        f"convolutions in the ASPP and decoder, logits at stride {model_arguments(model)['decoder_stride']}.",
         f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
         + _input_size(data)
         + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "

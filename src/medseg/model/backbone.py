@@ -47,7 +47,8 @@ class ResNetBackbone(nn.Module):
         self, resnet: models.ResNet, *, use_layer4: bool, low_channels: int, deep_channels: int
     ):
         super().__init__()
-        # The max-pool has no weights: apart from the stem, state-dict keys stay torchvision's.
+        # The max-pool apart, for the stem's stride-2 output (it has no weights: checkpoints
+        # written when it was the stem's last layer keep their keys).
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu)
         self.maxpool = resnet.maxpool
         self.layer1 = resnet.layer1
