@@ -19,14 +19,17 @@ if TYPE_CHECKING:
     from medseg.config import Config, ModelConfig
 
 
+# The paper's decoder, at a quarter of the input; also what a config's 0 (planned from the
+# data) builds before planning.
+PAPER_DECODER_STRIDE = 4
+
 # Model settings added after checkpoints had been written, with the value those older runs
 # used: a saved config without the key was trained that way.
-LEGACY_SETTINGS = {"separable": False, "decoder_stride": 4}
+LEGACY_SETTINGS = {"separable": False, "decoder_stride": PAPER_DECODER_STRIDE}
 
 # The paper's ASPP rates at each output stride (Chen et al. 2017, chosen for 513 × 513 crops),
 # doubled at stride 8 so that the receptive fields cover the same part of the image.
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
-PAPER_DECODER_STRIDE = 4  # what a config's 0 (planned from the data) builds before planning
 
 
 def model_arguments(config: ModelConfig) -> dict:
@@ -69,7 +72,7 @@ class DeepLabV3Plus(nn.Module):
         separable: bool = True,
         in_channels: int = 3,
         aspp_rates: tuple[int, ...] | list[int] = (),
-        decoder_stride: int = 4,
+        decoder_stride: int = PAPER_DECODER_STRIDE,
     ):
         super().__init__()
         if decoder_stride not in DECODER_STRIDES:
