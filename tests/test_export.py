@@ -146,11 +146,14 @@ def test_model_save_pretrained_with_and_without_the_run_config(multiclass_checkp
 
 
 def test_a_pretrained_folder_keeps_the_aspp_rates_and_decoder_the_model_was_built_with(tmp_path):
-    model = DeepLabV3Plus(backbone="resnet18", aspp_rates=(3, 6, 9), decoder_stride=2).eval()
+    model = DeepLabV3Plus(
+        backbone="resnet18", aspp_rates=(3, 6, 9), decoder_stride=2, pooling_window=32
+    ).eval()
     model.save_pretrained(tmp_path / "rates")
     loaded = DeepLabV3Plus.from_pretrained(tmp_path / "rates")
     assert loaded.aspp.rates == (3, 6, 9) and loaded.decoder.fine is not None
-    batch = torch.randn(1, 3, 64, 64)
+    assert loaded.aspp.branches[-1].window == 2
+    batch = torch.randn(1, 3, 64, 64)  # larger than the window: the windowed average
     with torch.no_grad():
         assert torch.equal(loaded(batch), model(batch))
 

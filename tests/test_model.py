@@ -10,6 +10,7 @@ from torch import nn
 from medseg.config import build_config
 from medseg.errors import MedsegError
 from medseg.model import DeepLabV3Plus, build_backbone
+from medseg.model.aspp import ImagePooling
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 CUTS = (("seed", 16), ("paper", 16), ("paper", 8))
@@ -319,6 +320,7 @@ def test_checkpoint_from_before_the_separable_and_decoder_options_loads_as_train
     model, loaded_config = model_from_checkpoint(load_checkpoint(path), path=path)
     assert loaded_config.model.separable is False
     assert loaded_config.model.decoder_stride == 4 and model.decoder.fine is None
+    assert model.aspp.branches[-1].window is None  # global image pooling, as before
     assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
 
 
@@ -434,3 +436,44 @@ def test_the_decoder_stride_is_planned_unless_set_and_the_unplanned_default_is_t
         MedsegError, match="model.decoder_stride=3 is not valid; choose one of 0, 4, 2"
     ):
         build_config(overrides={"model.decoder_stride": 3})
+
+
+def test_windowed_image_pooling_averages_the_patch_sized_window_around_each_position():
+    torch.manual_seed(0)
+    pooling = ImagePooling(8, 4, window=4).eval()
+    features = torch.randn(2, 8, 7, 9)
+    with torch.no_grad():
+        out = pooling(features)
+        assert out.shape == (2, 4, 7, 9)
+
+        def window_at(top: int, left: int) -> torch.Tensor:
+            average = features[:, :, top : top + 4, left : left + 4].mean((2, 3), keepdim=True)
+            return pooling.project(average)[:, :, 0, 0]
+
+        # Position (3, 4): the window of rows 2-5 and columns 3-6, centred on it (as nearly as
+        # an even window can be); at the corners the window moves inside the input.
+        torch.testing.assert_close(out[:, :, 3, 4], window_at(2, 3))
+        torch.testing.assert_close(out[:, :, 0, 0], window_at(0, 0))
+        torch.testing.assert_close(out[:, :, 6, 8], window_at(3, 5))
+        # At the window's size and below, the paper's global average, bit for bit.
+        small = features[:, :, :4, :3]
+        expected = pooling.project(small.mean((2, 3), keepdim=True)).expand(-1, -1, 4, 3)
+        torch.testing.assert_close(pooling(small), expected, rtol=0, atol=0)
+
+
+def test_a_windowed_network_equals_the_global_one_at_the_patch_and_not_beyond():
+    torch.manual_seed(0)
+    windowed = DeepLabV3Plus(backbone="resnet18", decoder_stride=2, pooling_window=64).eval()
+    paper = DeepLabV3Plus(backbone="resnet18", decoder_stride=2).eval()
+    paper.load_state_dict(windowed.state_dict())  # the window is a setting, not a weight
+    assert windowed.aspp.branches[-1].window == 4 and paper.aspp.branches[-1].window is None
+    assert windowed.config["pooling_window"] == 64 and paper.config["pooling_window"] == 0
+    with torch.no_grad():
+        patch = fixed_input(2, 3, 64, 64)
+        assert torch.equal(windowed(patch), paper(patch))
+        larger = fixed_input(1, 3, 128, 96)
+        assert not torch.allclose(windowed(larger), paper(larger))
+    with pytest.raises(
+        MedsegError, match="model.pooling_window=-1 is impossible; it must be at least 0"
+    ):
+        build_config(overrides={"model.pooling_window": -1})

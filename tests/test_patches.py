@@ -59,9 +59,10 @@ def test_thin_structures_plan_patches_and_blobs_plan_a_resize(vessel_root, synth
     printed = capsys.readouterr().out
     assert "patches of 128×128 at the images' own resolution" in printed
     assert planned.model.decoder_stride == 2 and "decoder at stride 2" in printed
+    assert planned.model.pooling_window == 128 and "image pooling over 128-pixel" in printed
     blobs = plan(build_config(), synthetic_root)
     assert blobs.data.mode == "resize" and blobs.data.image_size > 0
-    assert blobs.model.decoder_stride == 4
+    assert blobs.model.decoder_stride == 4 and blobs.model.pooling_window == 0  # global
 
 
 def test_the_mode_and_size_a_config_sets_are_kept(vessel_root):
@@ -71,6 +72,8 @@ def test_the_mode_and_size_a_config_sets_are_kept(vessel_root):
     assert (patches.data.mode, patches.data.image_size) == ("patch", 64)
     papers = plan(build_config(overrides={"model.decoder_stride": 4}), vessel_root)
     assert (papers.data.mode, papers.model.decoder_stride) == ("patch", 4)
+    wider = plan(build_config(overrides={"model.pooling_window": 512}), vessel_root)
+    assert wider.model.pooling_window == 512
 
 
 def test_runs_saved_before_patch_training_read_as_resized():
@@ -191,7 +194,7 @@ def test_a_patch_trained_run_predicts_and_evaluates_whole_images(vessel_root, tm
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["mode"] == "patch" and saved["data"]["image_size"] == 64
-    assert saved["model"]["decoder_stride"] == 2
+    assert saved["model"]["decoder_stride"] == 2 and saved["model"]["pooling_window"] == 64
     out = tmp_path / "masks"
     test_images = vessel_root / "test" / "images"
     assert (
@@ -249,8 +252,9 @@ def test_the_predictor_of_a_patch_model_tiles_each_image(
     image = np.asarray(Image.open(vessel_root / "test" / "images" / "v0.png"))
     probability = predictor.probabilities([image])[0]
     assert probability.shape == (150, 170)
-    # 150 × 170 in 64-pixel tiles at half overlap: 4 rows × 5 columns, in batches of 8.
-    assert seen == [(8, 3, 64, 64), (8, 3, 64, 64), (4, 3, 64, 64)]
+    # 150 × 170 in tiles of 1.5 patches (96 pixels) at half overlap: 3 rows × 3 columns, in
+    # batches of 8.
+    assert seen == [(8, 3, 96, 96), (1, 3, 96, 96)]
     torch.testing.assert_close(torch.from_numpy(probability).min() >= 0, torch.tensor(True))
 
 
@@ -289,7 +293,8 @@ def test_an_onnx_export_of_a_patch_model_predicts_by_sliding_window(
     assert by_onnx.shape == (150, 170)
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-4)
     card = (export / "README.md").read_text()
-    assert "at their own size, in Gaussian-weighted overlapping tiles of 64×64" in card
+    assert "in Gaussian-weighted overlapping tiles of 96×96 (trained on 64×64 patches)" in card
+    assert "image pooling over 64×64 windows" in card
     assert "logits at stride 2" in card
 
 

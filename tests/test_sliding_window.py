@@ -13,7 +13,9 @@ import torch
 from medseg.engine.sliding_window import (
     SlidingWindow,
     gaussian_weights,
+    inference_tile,
     sliding_window,
+    tile_for_image,
     tile_starts,
 )
 
@@ -88,7 +90,7 @@ def test_the_module_form_runs_a_network_over_whole_images():
     images = torch.randn(1, 3, 70, 90)
     with torch.no_grad():
         torch.testing.assert_close(
-            SlidingWindow(network, tile=32)(images), network(images), rtol=1e-5, atol=1e-5
+            SlidingWindow(network, patch=32)(images), network(images), rtol=1e-5, atol=1e-5
         )
 
 
@@ -121,3 +123,21 @@ def test_memory_follows_the_tiles_not_the_image():
     # The 4096² image's input (192 MiB), sum and weights (64 MiB each) and the result: nothing
     # that grows with the number of tiles (961 here, 9 for 512²).
     assert peaks[4096] - peaks[512] < 700, peaks
+
+
+def test_tiles_are_half_again_the_patch_within_the_image():
+    assert inference_tile(256) == 384 and inference_tile(64) == 96
+    assert tile_for_image(256, 584, 565) == 384  # a DRIVE image
+    assert tile_for_image(256, 300, 500) == 300  # no zero padding where the image has pixels
+    assert tile_for_image(256, 200, 900) == 256  # never below the patch (padded, as before)
+
+
+def test_the_module_form_tiles_by_the_patch_it_was_given():
+    seen = []
+
+    def network(tiles):
+        seen.append(tuple(tiles.shape[-2:]))
+        return tiles[:, :1]
+
+    SlidingWindow(network, patch=64, tile_batch=64)(torch.zeros(1, 3, 100, 120))
+    assert seen == [(96, 96)]

@@ -67,6 +67,10 @@ class ModelConfig:
     # Where the decoder's logits are: 4, the paper's; 2, one more stage joining the stem's
     # features, for structures a few pixels wide. 0: planned from the data (2 for patches).
     decoder_stride: int = 0
+    # The image pooling's window, in pixels: the ASPP's global branch averages windows of this
+    # side on larger inputs. 0: planned from the data (the patch for patch training); the
+    # whole input otherwise, as in the paper.
+    pooling_window: int = 0
     # Set from the data (data.labels, data.channels): 1 output for binary masks (sigmoid),
     # K for K classes (softmax); the input channels are the images'.
     num_classes: int = 1
@@ -192,6 +196,7 @@ RANGES = {
     ("model", "in_channels"): Range(low=1),
     ("data", "num_workers"): NON_NEGATIVE,
     ("model", "aspp_dropout"): Range(low=0, high=1, high_open=True),
+    ("model", "pooling_window"): NON_NEGATIVE,
     ("train", "epochs"): NON_NEGATIVE,
     ("train", "batch_size"): Range(low=1),
     ("train", "lr"): POSITIVE,

@@ -34,7 +34,7 @@ from medseg.data.plan import augmentation_for
 from medseg.data.transforms import FLIPPING_AUGMENTATIONS, eval_transform, resize_image
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import CompiledOrEager, Precision, select_device, select_precision
-from medseg.engine.sliding_window import sliding_window
+from medseg.engine.sliding_window import sliding_window, tile_for_image
 from medseg.errors import MedsegError
 from medseg.exports.onnx_runtime import load_onnx, onnx_paths
 from medseg.exports.pretrained import CONFIG_NAME, WEIGHTS_NAME, is_pretrained, load_pretrained
@@ -325,8 +325,8 @@ class Predictor:
         def run(tiles: torch.Tensor) -> torch.Tensor:
             return self._scores(tiles.contiguous(memory_format=self.memory_format))
 
-        size = self.config.data.image_size
-        maps = sliding_window(run, batch, tile=size, tile_batch=self.tile_batch)[0]
+        tile = tile_for_image(self.config.data.image_size, *image.shape[:2])
+        maps = sliding_window(run, batch, tile=tile, tile_batch=self.tile_batch)[0]
         maps = maps.cpu().numpy()
         return maps if self.multi_class else maps[0]
 

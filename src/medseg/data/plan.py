@@ -77,6 +77,9 @@ def plan(config: Config, data_root: str | Path) -> Config:
     if model.decoder_stride == 0:
         model.decoder_stride = 2 if data.mode == "patch" else 4
         notes.append(f"decoder at stride {model.decoder_stride}")
+    if model.pooling_window == 0 and data.mode == "patch":
+        model.pooling_window = data.image_size
+        notes.append(f"image pooling over {data.image_size}-pixel windows")
     planned = replace(config, data=data, model=model)
     validate(planned)
     if notes:

@@ -1,9 +1,13 @@
 """Whole images through a network trained on patches: overlapping tiles, Gaussian blending.
 
-A network trained on S × S patches sees an image of any size as tiles of S × S placed with a
-given overlap (half a tile by default), run in batches of tiles. Each tile's output is weighted
-by a Gaussian centred on the tile (sigma S/8), highest where the network saw the most context,
-and every pixel gets the weighted mean of the tiles that cover it: no seams where tiles meet.
+A network trained on S × S patches sees an image of any size as tiles placed with a given
+overlap (half a tile by default), run in batches of tiles. The tiles are larger than the patch
+(`inference_tile`): the network is fully convolutional and its image pooling keeps the patch's
+scale (`medseg.model.aspp.ImagePooling`), so a larger tile only adds the context that the
+whole image would give the tile's centre. Each tile's output is weighted by a Gaussian
+centred on the tile (sigma an eighth of the tile), highest where the network saw the most
+context, and every pixel gets the weighted mean of the tiles that cover it: no seams where
+tiles meet.
 This is MONAI's ``sliding_window_inference`` with ``mode="gaussian"`` and nnU-Net's prediction.
 
 Memory is bounded by the tile batch and the output: the image's tiles are cut and run a batch at
@@ -21,6 +25,21 @@ from torch import Tensor, nn
 
 SIGMA_SCALE = 0.125  # of the tile side, as MONAI's and nnU-Net's defaults
 DEFAULT_OVERLAP = 0.5
+# Tile side over patch side. With half-tile overlap every pixel is computed about four times
+# whatever the tile, so a larger tile costs memory (the tile batch's area), not time.
+TILE_SCALE = 1.5
+
+
+def inference_tile(patch: int) -> int:
+    """The tile side of a network trained on ``patch`` × ``patch`` patches: `TILE_SCALE` × the
+    patch, a multiple of 32."""
+    return 32 * round(TILE_SCALE * patch / 32)
+
+
+def tile_for_image(patch: int, height: int, width: int) -> int:
+    """`inference_tile` for a ``height`` × ``width`` image: no more than its shorter side (no
+    zero padding where the image has pixels), no less than the patch."""
+    return max(patch, min(inference_tile(patch), height, width))
 
 
 def gaussian_weights(tile: int, *, sigma_scale: float = SIGMA_SCALE) -> Tensor:
@@ -100,14 +119,16 @@ def _tile_batches(
 
 
 class SlidingWindow(nn.Module):
-    """A network trained on patches, run over whole images by `sliding_window`: for validation
-    during training, where the loss and metrics take the blended logits."""
+    """A network trained on ``patch`` × ``patch`` patches, run over whole images by
+    `sliding_window` in tiles of `tile_for_image`: for validation during training, where the
+    loss and metrics take the blended logits."""
 
-    def __init__(self, network: nn.Module, *, tile: int, tile_batch: int = 8):
+    def __init__(self, network: nn.Module, *, patch: int, tile_batch: int = 8):
         super().__init__()
         self.network = network
-        self.tile = tile
+        self.patch = patch
         self.tile_batch = tile_batch
 
     def forward(self, images: Tensor) -> Tensor:
-        return sliding_window(self.network, images, tile=self.tile, tile_batch=self.tile_batch)
+        tile = tile_for_image(self.patch, *images.shape[-2:])
+        return sliding_window(self.network, images, tile=tile, tile_batch=self.tile_batch)

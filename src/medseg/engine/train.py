@@ -366,7 +366,7 @@ class TrainingSetup:
         if self.config.data.mode != "patch":
             return self.model
         return SlidingWindow(
-            self.model, tile=self.config.data.image_size, tile_batch=self.config.train.batch_size
+            self.model, patch=self.config.data.image_size, tile_batch=self.config.train.batch_size
         )
 
     def _class_dice(self, summary: dict[str, Any]) -> dict[str, float]:

@@ -19,6 +19,7 @@ from medseg.config import Config
 from medseg.data.folder import find_split, list_images
 from medseg.data.transforms import normalisation
 from medseg.engine.run_folder import RunFolder
+from medseg.engine.sliding_window import inference_tile
 from medseg.errors import MedsegError
 from medseg.exports.folder import medseg_version
 from medseg.model.deeplab import model_arguments
@@ -131,7 +132,8 @@ def model_card(
         "",
         f"- DeepLabv3+, backbone {model.backbone} ({model.variant} variant), output stride "
         f"{model.output_stride}, {'separable' if model.separable else 'plain'} 3×3 "
-        f"convolutions in the ASPP and decoder, logits at stride {model_arguments(model)['decoder_stride']}.",
+        f"convolutions in the ASPP and decoder, {_pooling(model)}, logits at stride "
+        f"{model_arguments(model)['decoder_stride']}.",
         f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
         + _input_size(data)
         + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "
@@ -161,12 +163,21 @@ def _numbers(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
 
 
+def _pooling(model) -> str:
+    window = model_arguments(model)["pooling_window"]
+    return f"image pooling over {window}×{window} windows" if window else "global image pooling"
+
+
 def _input_size(data) -> str:
     if not data.image_size:
         return "resized to a size not recorded (saved without the run's config)"
     side = f"{data.image_size}×{data.image_size}"
     if data.mode == "patch":
-        return f"at their own size, in Gaussian-weighted overlapping tiles of {side}"
+        tile = inference_tile(data.image_size)
+        return (
+            f"at their own size, in Gaussian-weighted overlapping tiles of {tile}×{tile} "
+            f"(trained on {side} patches)"
+        )
     return f"resized to {side}"
 
 

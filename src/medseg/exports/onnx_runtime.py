@@ -129,7 +129,8 @@ def _check_graph(session, config: Config, model_path: Path, meta_path: Path) -> 
             )
         found = shape[1]
         if not isinstance(found, int) and tensors is outputs:
-            probe = np.zeros((1, config.data.channels, 64, 64), np.float32)
+            side = config.data.image_size or 64  # a patch model's graph takes no less
+            probe = np.zeros((1, config.data.channels, side, side), np.float32)
             try:
                 found = session.run(None, {inputs[0].name: probe})[0].shape[1]
             except Exception as error:  # onnxruntime's own error types

@@ -24,6 +24,7 @@ from medseg.data.io import read_image
 from medseg.data.transforms import normalisation
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from medseg.engine.runtime import Precision
+from medseg.engine.sliding_window import inference_tile
 from medseg.errors import MedsegError
 from medseg.exports.card import Provenance, model_card
 from medseg.exports.folder import check_export_folder, medseg_version, require, staged_export
@@ -182,7 +183,7 @@ def _calibration_images(calibration: str | os.PathLike) -> list[Path]:
 def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int) -> float:
     """Export ``model`` to ``path`` and check it against PyTorch (see `_verify`)."""
     onnx = require("onnx", **ONNX)
-    size, channels = config.data.image_size, config.data.channels
+    size, channels = _traced_size(config), config.data.channels
     model = model.eval().float()
     example = torch.zeros(1, channels, size, size)
     dynamic = {0: "batch", 2: "height", 3: "width"}
@@ -211,6 +212,17 @@ def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int)
     onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
     return _verify(model, path, channels=channels, size=size)
+
+
+def _traced_size(config: Config) -> int:
+    """The side the graph is traced at: the training size, or for a patch-trained model the
+    tile it predicts with, larger than the patch, so that the graph holds the windowed image
+    pooling that such tiles take (`medseg.model.aspp.ImagePooling`; a graph traced at the patch
+    would average every tile whole)."""
+    patch = config.data.image_size
+    if config.data.mode != "patch":
+        return patch
+    return inference_tile(patch)
 
 
 def _verify(model: DeepLabV3Plus, path: Path, *, channels: int, size: int) -> float:

@@ -44,13 +44,26 @@ def conv_bn_relu(
 
 
 class ImagePooling(nn.Module):
-    """The ASPP's image-level branch: global average, 1×1 conv, broadcast back to the grid."""
+    """The ASPP's image-level branch: average, 1×1 conv, broadcast back to the grid.
 
-    def __init__(self, in_channels: int, out_channels: int):
+    ``window`` None: the average of the whole input, the paper's. ``window`` w (feature cells),
+    for a network trained on w × w grids (patches): on a larger input each position gets the
+    average of the w × w window centred on it (moved inside the input at its borders), as
+    DeepLab's own code does (``image_pooling_crop_size``) when a network trained on crops
+    predicts whole images. The image-level context stays the size the network learned, so a
+    whole image and the tiles of a sliding window see the same kind of average. On an input of
+    w × w or smaller this is the global average, exactly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, window: int | None = None):
         super().__init__()
         self.project = conv_bn_relu(in_channels, out_channels, kernel_size=1)
+        self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if self.window is not None and (height > self.window or width > self.window):
+            return self._windowed(x)
         pooled = F.adaptive_avg_pool2d(x, 1)  # (N, C_in, 1, 1)
         if self.training and x.shape[0] == 1:
             # One image gives BatchNorm a single value per channel, whose variance is undefined:
@@ -58,7 +71,22 @@ class ImagePooling(nn.Module):
             projected = self._project_with_running_statistics(pooled)
         else:
             projected = self.project(pooled)  # (N, C, 1, 1)
-        return projected.expand(-1, -1, x.shape[-2], x.shape[-1])
+        return projected.expand(-1, -1, height, width)
+
+    def _windowed(self, x: torch.Tensor) -> torch.Tensor:
+        """Each position's window average: every full window's mean (stride 1), projected,
+        then each position takes the window most nearly centred on it (edge padding)."""
+        height, width = x.shape[-2:]
+        rows, columns = min(self.window, height), min(self.window, width)
+        projected = self.project(F.avg_pool2d(x, (rows, columns), stride=1))
+        before_rows, before_columns = (rows - 1) // 2, (columns - 1) // 2
+        padding = (
+            before_columns,
+            columns - 1 - before_columns,
+            before_rows,
+            rows - 1 - before_rows,
+        )
+        return F.pad(projected, padding, mode="replicate")
 
     def _project_with_running_statistics(self, pooled: torch.Tensor) -> torch.Tensor:
         convolution, batchnorm, relu = self.project
@@ -72,6 +100,7 @@ class ImagePooling(nn.Module):
 class ASPP(nn.Module):
     """A 1×1 branch, one 3×3 atrous branch per rate, and image pooling; concatenated, projected.
 
+    ``pooling_window``: the image pooling's window in feature cells (`ImagePooling`).
     Input ``(N, in_channels, h, w)``; output ``(N, out_channels, h, w)``.
     """
 
@@ -83,6 +112,7 @@ class ASPP(nn.Module):
         out_channels: int = 256,
         dropout: float = 0.1,
         separable: bool = False,
+        pooling_window: int | None = None,
     ):
         super().__init__()
         self.rates = tuple(rates)
@@ -94,7 +124,7 @@ class ASPP(nn.Module):
                 )
                 for rate in rates
             ]
-            + [ImagePooling(in_channels, out_channels)]
+            + [ImagePooling(in_channels, out_channels, window=pooling_window)]
         )
         branch_count = len(self.branches)
         self.project = nn.Sequential(

@@ -45,6 +45,7 @@ def model_arguments(config: ModelConfig) -> dict:
         "separable": config.separable,
         "aspp_rates": list(config.aspp_rates),
         "decoder_stride": config.decoder_stride or PAPER_DECODER_STRIDE,
+        "pooling_window": config.pooling_window,
     }
 
 
@@ -56,6 +57,9 @@ class DeepLabV3Plus(nn.Module):
     ``sigmoid(logits) > threshold`` is the mask; for K classes, ``num_classes=K`` and the label
     map is ``logits.argmax(1)``. ``decoder_stride`` 4 is the paper's decoder; 2 adds a stage
     that joins the stem's stride-2 features (`medseg.model.decoder.FineStage`).
+    ``pooling_window`` (pixels), for a network trained on patches of that side: the ASPP's
+    image pooling averages windows of the patch's size on larger inputs (`ImagePooling`);
+    0 averages the whole input, as the paper does.
 
     Keyword arguments are stored in ``self.config`` so a checkpoint can rebuild the model.
     """
@@ -73,6 +77,7 @@ class DeepLabV3Plus(nn.Module):
         in_channels: int = 3,
         aspp_rates: tuple[int, ...] | list[int] = (),
         decoder_stride: int = PAPER_DECODER_STRIDE,
+        pooling_window: int = 0,
     ):
         super().__init__()
         if decoder_stride not in DECODER_STRIDES:
@@ -90,6 +95,7 @@ class DeepLabV3Plus(nn.Module):
             "separable": separable,
             "aspp_rates": list(aspp_rates),
             "decoder_stride": decoder_stride,
+            "pooling_window": pooling_window,
         }
         self.backbone = build_backbone(
             name=backbone,
@@ -100,7 +106,11 @@ class DeepLabV3Plus(nn.Module):
         )
         rates = tuple(aspp_rates) or PAPER_RATES[output_stride]
         self.aspp = ASPP(
-            self.backbone.deep_channels, rates=rates, dropout=aspp_dropout, separable=separable
+            self.backbone.deep_channels,
+            rates=rates,
+            dropout=aspp_dropout,
+            separable=separable,
+            pooling_window=math.ceil(pooling_window / output_stride) or None,
         )
         self.decoder = Decoder(
             self.backbone.low_level_channels,
