@@ -7,18 +7,20 @@
     python benchmarks/drive.py --only native-600-steps --only aspp-3-6-9   # earlier plans, and
                                                  # an experiment: ASPP rates scaled to the patch
     python benchmarks/drive.py --round-trip      # what the decoder's grid leaves of the vessels
+    python benchmarks/drive.py --tile-sweep runs/drive/native   # tiles and pooling, train crops
     python benchmarks/drive.py --markdown runs/drive/drive.json   # README tables
 
 "native" trains exactly as ``medseg train --data DATA --out RUN --no-pretrained`` does: the plan
 sees that no resize keeps the vessels and trains on patches at the images' own size, with the
-decoder at stride 2. "resize-160"
+decoder at stride 2 and image pooling over patch-sized windows. "resize-160"
 is the same network trained on the images resized to 160 × 160 (``data.mode=resize``), the path
 every image took before. Both are scored on test/ inside the field of view (test/fov/, the DRIVE
 convention) with the default prediction: Dice (F1) per image and pooled over all pixels,
 sensitivity, specificity, accuracy and pixel AUC.
 
 Two checks of the sliding window: its masks against the network run on the whole image at
-once, on 512 × 512 crops of the test images (Dice between the two), for each patch-trained run;
+once, on 512 × 512 crops of the test images (Dice between the two), for each patch-trained run,
+in the predictor's tiles and in tiles of the patch's own size;
 and, on the native model, the peak memory of predicting one 4096 × 4096 image against one
 512 × 512 image, each in a fresh process (``--tta none``). A finished run folder is reused, an
 interrupted one resumed.
@@ -49,6 +51,7 @@ import medseg
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.sliding_window import sliding_window, tile_for_image
 from medseg.inference import Predictor
 from medseg.metrics import confusion_counts, dice
 from medseg.model import DECODER_STRIDES
@@ -84,7 +87,18 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override the planned epochs (a quick look)")
     parser.add_argument("--markdown", type=Path, metavar="JSON", help="print a saved result")
     parser.add_argument("--round-trip", action="store_true", help="print it alone, train nothing")
+    parser.add_argument(
+        "--tile-sweep",
+        type=Path,
+        action="append",
+        metavar="RUN",
+        help="agreement by tile side and image pooling for a trained run, on training crops",
+    )
     args = parser.parse_args()
+    if args.tile_sweep:
+        for run in args.tile_sweep:
+            print(describe_sweep(run, tile_sweep(run, args.data / "train" / "images")))
+        return 0
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return 0
@@ -160,47 +174,99 @@ def describe_round_trip(scores: dict[str, float]) -> str:
 
 
 def _whole_image_agreement(run: Path, test: Path) -> dict:
-    """Dice between sliding-window masks and whole-image masks on 512 × 512 test crops; also
-    with every tile given the whole image's image-pooling vector (ASPP's global branch), which
-    leaves the tiling as the only difference."""
+    """Dice between sliding-window masks and whole-image masks on 512 × 512 test crops: with
+    the predictor's tiles (`tile_for_image`), and with tiles of the patch's own size."""
     tiled = Predictor.from_checkpoint(run, tta="none")
     config = tiled.config
-    whole_config = replace(config, data=replace(config.data, mode="resize", image_size=CROP))
-    whole = Predictor(tiled.model, whole_config, tiled.device, tiled.precision, tta="none")
-    pooling = tiled.model.aspp.branches[-1]  # ImagePooling: the global average branch
-    scores, shared_pooling = [], []
+    whole = _whole_image_predictor(tiled)
+    scores, patch_tiles = [], []
     for path in list_images(test / "images"):
         crop = read_image(path)[:CROP, :CROP]
         if crop.shape[:2] != (CROP, CROP):
             continue
         [at_once] = whole.masks([crop])
         scores.append(_dice(tiled.masks([crop])[0], at_once))
-        shared_pooling.append(_dice(_with_pooling_of(whole, tiled, crop, pooling), at_once))
+        patch_tiles.append(_dice(_in_tiles(tiled, crop, config.data.image_size), at_once))
     return {
         "images": len(scores),
+        "tile": tile_for_image(config.data.image_size, CROP, CROP),
+        "pooling_window": config.model.pooling_window,
         "mean_dice": float(np.mean(scores)),
         "min_dice": min(scores),
-        "shared_pooling_mean_dice": float(np.mean(shared_pooling)),
-        "shared_pooling_min_dice": min(shared_pooling),
+        "patch_tiles_mean_dice": float(np.mean(patch_tiles)),
+        "patch_tiles_min_dice": min(patch_tiles),
     }
 
 
-def _with_pooling_of(whole: Predictor, tiled: Predictor, crop: np.ndarray, pooling) -> np.ndarray:
-    """The sliding-window mask of ``crop`` with each tile's image pooling replaced by the whole
-    crop's (captured by a forward hook while the whole crop runs)."""
-    captured = {}
-    hook = pooling.register_forward_hook(
-        lambda module, inputs, output: captured.update(v=output[:, :, :1, :1])
-    )
-    whole.masks([crop])
-    hook.remove()
-    replace_output = pooling.register_forward_hook(
-        lambda module, inputs, output: captured["v"].expand(output.shape[0], -1, *output.shape[-2:])
-    )
-    try:
-        return tiled.masks([crop])[0]
-    finally:
-        replace_output.remove()
+def _whole_image_predictor(tiled: Predictor) -> Predictor:
+    """``tiled``'s network run on a whole 512 × 512 crop at once (``--tta none``)."""
+    config = tiled.config
+    whole_config = replace(config, data=replace(config.data, mode="resize", image_size=CROP))
+    return Predictor(tiled.model, whole_config, tiled.device, tiled.precision, tta="none")
+
+
+def _in_tiles(tiled: Predictor, crop: np.ndarray, tile: int, overlap: float = 0.5) -> np.ndarray:
+    """The sliding-window mask of ``crop`` in tiles of ``tile`` (``--tta none``, binary)."""
+    with torch.no_grad():
+        probability = sliding_window(
+            lambda tiles: torch.sigmoid(tiled.network(tiles).float()),
+            tiled.preprocess([crop]),
+            tile=tile,
+            overlap=overlap,
+        )
+    return tiled.binarize(probability[0, 0].numpy())
+
+
+# (tile side in patches, overlap): the patch at the default and a larger overlap, then larger
+# tiles at the default overlap.
+SWEEP = ((1.0, 0.5), (1.0, 0.75), (1.25, 0.5), (1.5, 0.5), (1.75, 0.5))
+
+
+def tile_sweep(run: Path, images: Path) -> list[dict]:
+    """Agreement with the whole image (Dice, 512 × 512 crops of ``images``) for each tiling of
+    `SWEEP`, with the run's network given global image pooling and then pooling windows of
+    its patch (the window is a setting, not a weight: the same weights serve both)."""
+    tiled = Predictor.from_checkpoint(run, tta="none")
+    patch = tiled.config.data.image_size
+    pooling = tiled.model.aspp.branches[-1]  # ImagePooling
+    crops = [read_image(path)[:CROP, :CROP] for path in list_images(images)]
+    rows = []
+    for window in (None, math.ceil(patch / tiled.config.model.output_stride)):
+        pooling.window = window
+        whole = [mask for crop in crops for mask in _whole_image_predictor(tiled).masks([crop])]
+        for scale, overlap in SWEEP:
+            started = time.perf_counter()
+            tile = 32 * round(scale * patch / 32)
+            scores = [
+                _dice(_in_tiles(tiled, crop, tile, overlap), at_once)
+                for crop, at_once in zip(crops, whole, strict=True)
+            ]
+            rows.append(
+                {
+                    "pooling": "patch windows" if window else "global",
+                    "tile": tile,
+                    "overlap": overlap,
+                    "mean_dice": float(np.mean(scores)),
+                    "min_dice": min(scores),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+    return rows
+
+
+def describe_sweep(run: Path, rows: list[dict]) -> str:
+    lines = [
+        f"{run}: sliding window against the whole image, {CROP}×{CROP} training crops",
+        "",
+        "| image pooling | tile | overlap | Dice mean | Dice lowest | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['pooling']} | {row['tile']} | {row['overlap']:.0%} | {row['mean_dice']:.4f} | "
+        f"{row['min_dice']:.4f} | {row['seconds']:.1f} |"
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _dice(first: np.ndarray, second: np.ndarray) -> float:
@@ -240,6 +306,34 @@ def _peak_memory(run: Path, test: Path) -> dict:
     return {str(side): value for side, value in peaks.items()}
 
 
+def describe_agreement(name: str, agreement: dict) -> str:
+    # Runs scored before the tiles outgrew the patch (the eighth session's) have no "tile":
+    # theirs was the patch, with global image pooling, and they also tried the whole crop's
+    # pooling in every tile.
+    tiles = f"tiles of {agreement.get('tile', 256)}², " + (
+        f"image pooling over {agreement['pooling_window']}² windows"
+        if agreement.get("pooling_window")
+        else "global image pooling"
+    )
+    line = (
+        f"Sliding window against the whole image at once ({name}; {tiles}), "
+        f"{agreement['images']} crops of {CROP}×{CROP}: Dice {agreement['mean_dice']:.4f} mean, "
+        f"{agreement['min_dice']:.4f} lowest"
+    )
+    if "patch_tiles_mean_dice" in agreement:
+        line += (
+            f"; in tiles of the patch {agreement['patch_tiles_mean_dice']:.4f} mean, "
+            f"{agreement['patch_tiles_min_dice']:.4f} lowest"
+        )
+    if "shared_pooling_mean_dice" in agreement:
+        line += (
+            f"; with the whole crop's image-pooling vector given to every tile "
+            f"{agreement['shared_pooling_mean_dice']:.4f} mean, "
+            f"{agreement['shared_pooling_min_dice']:.4f} lowest"
+        )
+    return line + "."
+
+
 def markdown(result: dict) -> str:
     lines = [
         "| run | input | epochs | training | Dice (F1) mean | F1 pooled | sensitivity | "
@@ -260,14 +354,7 @@ def markdown(result: dict) -> str:
     lines.append("")
     for name, run in result["runs"].items():
         if "agreement" in run:
-            agreement = run["agreement"]
-            lines.append(
-                f"Sliding window against the whole image at once ({name}), "
-                f"{agreement['images']} crops of {CROP}×{CROP}: Dice {agreement['mean_dice']:.4f} "
-                f"mean, {agreement['min_dice']:.4f} lowest; with the whole crop's image-pooling "
-                f"vector given to every tile {agreement['shared_pooling_mean_dice']:.4f} mean, "
-                f"{agreement['shared_pooling_min_dice']:.4f} lowest."
-            )
+            lines.append(describe_agreement(name, run["agreement"]))
     if "round_trip" in result:
         lines.append(describe_round_trip(result["round_trip"]) + ".")
     memory = result.get("peak_memory_mib")
