@@ -51,7 +51,7 @@ import medseg
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.sliding_window import sliding_window, tile_for_image
+from medseg.engine.sliding_window import inference_tile, sliding_window, tile_for_image
 from medseg.inference import Predictor
 from medseg.metrics import confusion_counts, dice
 from medseg.model import DECODER_STRIDES
@@ -236,7 +236,7 @@ def tile_sweep(run: Path, images: Path) -> list[dict]:
         whole = [mask for crop in crops for mask in _whole_image_predictor(tiled).masks([crop])]
         for scale, overlap in SWEEP:
             started = time.perf_counter()
-            tile = 32 * round(scale * patch / 32)
+            tile = inference_tile(patch, scale)
             scores = [
                 _dice(_in_tiles(tiled, crop, tile, overlap), at_once)
                 for crop, at_once in zip(crops, whole, strict=True)

@@ -30,10 +30,10 @@ DEFAULT_OVERLAP = 0.5
 TILE_SCALE = 1.5
 
 
-def inference_tile(patch: int) -> int:
-    """The tile side of a network trained on ``patch`` × ``patch`` patches: `TILE_SCALE` × the
+def inference_tile(patch: int, scale: float = TILE_SCALE) -> int:
+    """The tile side of a network trained on ``patch`` × ``patch`` patches: ``scale`` × the
     patch, a multiple of 32."""
-    return 32 * round(TILE_SCALE * patch / 32)
+    return 32 * round(scale * patch / 32)
 
 
 def tile_for_image(patch: int, height: int, width: int) -> int:
