@@ -1,6 +1,8 @@
 """Shared fixtures: a few real ISIC pairs or a tiny synthetic set in a temp dir; a private cache."""
 
+import contextlib
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -15,8 +17,29 @@ from medseg.data.synthetic import make_synthetic_dataset
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
+# Pinned values are recorded in float32 ("fp32"), which every CPU computes alike; the bf16 path
+# (native on CPUs with AVX-512 BF16 or AMX, emulated by PyTorch elsewhere) is checked against
+# them within bfloat16's precision: its 8-bit mantissa rounds each value by up to 2^-9 relative,
+# compounded through the network's layers.
+PRECISIONS = ("fp32", "bf16")
+PROBABILITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+
 # /work/shared/data/isic2017 beside the checkout: read-only, so tests copy what they need.
 ISIC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2017"
+
+
+def pytest_report_header(config):
+    """Which CPU ran the tests and the precision medseg's 'auto' chose on it (CI logs show both)."""
+    from medseg.engine.runtime import select_precision
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+        ]
+        model = names[0].split(":", 1)[1].strip() if names else model
+    chosen = select_precision("auto", torch.device("cpu")).name
+    return f"CPU: {model}; medseg's precision 'auto' on it: {chosen}"
 
 
 @pytest.fixture(autouse=True)

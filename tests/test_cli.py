@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+import yaml
+from conftest import PRECISIONS
 from PIL import Image
 
 from medseg.cli import main
@@ -216,3 +218,16 @@ def test_predict_with_short_flags_writes_masks(synthetic_root, tmp_path, tiny_ch
     argv = ["predict", "--checkpoint", tiny_checkpoint, "-i", synthetic_root / "test" / "images"]
     assert main([str(arg) for arg in [*argv, "-o", out, "--quiet", "--tta", "none"]]) == 0
     assert len(list(out.glob("*_segmentation.png"))) == 4
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_training_runs_in_each_precision_on_any_cpu(
+    synthetic_root, tmp_path, tiny_flags, precision
+):
+    # bf16 is native on CPUs with AVX-512 BF16 or AMX and emulated by PyTorch elsewhere:
+    # both paths train here, whichever CPU runs the tests.
+    run = tmp_path / "run"
+    assert _train(synthetic_root, run, tiny_flags, "--epochs", "1", "--precision", precision) == 0
+    [row] = _metrics_rows(run)
+    assert np.isfinite(float(row["train_loss"])) and np.isfinite(float(row["val_loss"]))
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == precision

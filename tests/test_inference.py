@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import PRECISIONS, PROBABILITY_TOLERANCE
 from PIL import Image
 from torch import nn
 
@@ -260,7 +261,7 @@ def test_binary_predictions_are_the_pixels_they_were_before_multi_class(
     out = tmp_path / "out"
     predict(
         tiny_checkpoint, tmp_path / "in.png", out, device="cpu", postprocess=postprocess,
-        probabilities=True, overlays=True, progress=False, threshold=0.503288,
+        probabilities=True, overlays=True, progress=False, threshold=0.503288, precision="fp32",
     )  # fmt: skip
     hashes = {}
     for name in BINARY_PINS[postprocess]:
@@ -269,6 +270,27 @@ def test_binary_predictions_are_the_pixels_they_were_before_multi_class(
             hashes[name] = hashlib.sha256(np.asarray(picture).tobytes()).hexdigest()
     assert hashes == BINARY_PINS[postprocess]
     assert json.loads((out / RECORD_NAME).read_text())["tta"] == "flip"  # "auto", resolved
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_each_precision_predicts_the_pinned_probabilities_within_its_rounding(
+    tiny_checkpoint, tmp_path, precision
+):
+    Image.fromarray(pinned_image()).save(tmp_path / "in.png")
+    options = {"device": "cpu", "probabilities": True, "progress": False, "tta": "none"}
+    predict(tiny_checkpoint, tmp_path / "in.png", tmp_path / "fp32", precision="fp32", **options)
+    predict(
+        tiny_checkpoint, tmp_path / "in.png", tmp_path / "other", precision=precision, **options
+    )
+    expected, got = (
+        np.asarray(Image.open(tmp_path / folder / "in_probability.png"), np.float64) / 255
+        for folder in ("fp32", "other")
+    )
+    # The PNG holds probability × 255: one grey level of rounding on top of the precision's own.
+    tolerance = PROBABILITY_TOLERANCE[precision] + 1 / 255
+    assert np.abs(got - expected).max() <= tolerance
+    record = json.loads((tmp_path / "other" / RECORD_NAME).read_text())
+    assert record["tta"] == "none"
 
 
 def test_visualize_command_passes_its_threshold(tiny_checkpoint, synthetic_root, tmp_path, capsys):

@@ -80,6 +80,7 @@ def visualize(
     tta: str = DEFAULT_TTA,
     postprocess: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     overwrite: bool = False,
     compile: bool = False,
     threshold: float | None = None,
@@ -94,6 +95,7 @@ def visualize(
     predictor = Predictor.from_checkpoint(
         checkpoint,
         device=device,
+        precision=precision,
         tta=tta,
         postprocess=postprocess,
         compile=compile,

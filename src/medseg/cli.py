@@ -350,6 +350,12 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=choices()[("train", "precision")],
+        help="numeric precision: auto (bf16 on GPUs and on CPUs with native bf16, else fp32)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the network with frozen weights (faster on large folders)",
@@ -395,7 +401,7 @@ def _run_evaluate(args) -> int:
     args.data = data_root(args.data)
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
-        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, precision=args.precision, progress=not args.quiet,
         report=args.report, compile=args.compile, threshold=args.threshold, roi=args.roi,
     )  # fmt: skip
     # --data may be a root whose test/ was chosen: say which folder the numbers describe.
@@ -419,7 +425,7 @@ def _run_evaluate_volumes(args, out: Path) -> int:
 
     summary = evaluate_volumes(
         args.checkpoint, args.data, out, tta=args.tta, postprocess=args.postprocess,
-        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device,
+        batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, precision=args.precision,
         progress=not args.quiet, compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     print(format_volume_table(summary))
@@ -453,7 +459,7 @@ def _run_predict(args) -> int:
     if is_nifti(args.input):
         report = predict_volumes(
             args.checkpoint, args.input, args.out, batch_size=args.batch_size, tta=args.tta,
-            postprocess=args.postprocess, overwrite=args.overwrite, device=args.device,
+            postprocess=args.postprocess, overwrite=args.overwrite, device=args.device, precision=args.precision,
             progress=not args.quiet, compile=args.compile, threshold=args.threshold,
         )  # fmt: skip
         print(
@@ -464,7 +470,7 @@ def _run_predict(args) -> int:
     report = predict(
         checkpoint=args.checkpoint, source=args.input, output=args.out, batch_size=args.batch_size,
         tta=args.tta, postprocess=args.postprocess, probabilities=args.probabilities,
-        overlays=args.overlay, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        overlays=args.overlay, overwrite=args.overwrite, device=args.device, precision=args.precision, progress=not args.quiet,
         compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     print(
@@ -500,7 +506,7 @@ def _run_visualize(args) -> int:
 
     paths = visualize(
         checkpoint=args.checkpoint, data=args.data, out=args.out, num_samples=args.num_samples,
-        tta=args.tta, postprocess=args.postprocess, device=args.device, overwrite=args.overwrite,
+        tta=args.tta, postprocess=args.postprocess, device=args.device, precision=args.precision, overwrite=args.overwrite,
         compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
     print(f"{len(paths)} figures written to {args.out}")

@@ -85,6 +85,7 @@ def evaluate_folder(
     batch_size: int = 16,
     overwrite: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     report: str | Path | None = None,
     compile: bool = False,
@@ -116,7 +117,7 @@ def evaluate_folder(
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
-        threshold=threshold,
+        threshold=threshold, precision=precision,
     )  # fmt: skip
     labels = list(predictor.config.data.labels)
     target_labels = _target_labels(checkpoint, predictor, folder)

@@ -429,6 +429,7 @@ def predict(
     overlays: bool = False,
     overwrite: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     compile: bool = False,
     threshold: float | None = None,
@@ -452,6 +453,7 @@ def predict(
     predictor = Predictor.from_checkpoint(
         checkpoint,
         device=device,
+        precision=precision,
         tta=tta,
         postprocess=postprocess,
         compile=compile,

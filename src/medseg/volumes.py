@@ -122,6 +122,7 @@ def predict_volumes(
     postprocess: bool = False,
     overwrite: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     compile: bool = False,
     threshold: float | None = None,
@@ -133,7 +134,7 @@ def predict_volumes(
     check_writable(output)
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
-        threshold=threshold,
+        threshold=threshold, precision=precision,
     )  # fmt: skip
     cases = collect_volumes(source, predictor.config.data.channels)
     record = {
@@ -193,6 +194,7 @@ def evaluate_volumes(
     postprocess: bool = False,
     overwrite: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     compile: bool = False,
     threshold: float | None = None,
@@ -221,7 +223,7 @@ def evaluate_volumes(
     nibabel()
     predictor = Predictor.from_checkpoint(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
-        threshold=threshold,
+        threshold=threshold, precision=precision,
     )  # fmt: skip
     _target_labels(checkpoint, predictor, root)  # refuses other classes than the checkpoint's
     _check_channels(checkpoint, predictor, spec)
