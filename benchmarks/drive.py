@@ -52,9 +52,9 @@ from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.sliding_window import inference_tile, sliding_window, tile_for_image
-from medseg.inference import Predictor
 from medseg.metrics import confusion_counts, dice
 from medseg.model import DECODER_STRIDES
+from medseg.prediction.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "drive"

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.api import export
+from medseg.commands.evaluate import score_pair
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image, read_target
-from medseg.evaluation import score_pair
-from medseg.inference import Predictor
+from medseg.prediction.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ if sys.argv[2] == "tuned":
     from medseg.engine.runtime import tune_allocator
     assert tune_allocator(), "glibc's mallopt is not available here"
 import numpy as np
-from medseg.inference import Predictor
+from medseg.prediction.predictor import Predictor
 rng = np.random.default_rng(0)
 size, batch, batches = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(batch)]

@@ -394,8 +394,8 @@ class TimedLoader:
 def measure_epoch(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One training epoch and its validation pass as `medseg train` runs them, on the cache."""
     from medseg.config import build_config
-    from medseg.engine.evaluate import evaluate_loader
     from medseg.engine.train import TrainingSetup, train_one_epoch
+    from medseg.engine.validation import evaluate_loader
 
     config = build_config(
         overrides={

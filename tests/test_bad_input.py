@@ -556,7 +556,7 @@ def test_full_disk_keeps_the_earlier_evaluation(
     capsys.readouterr()
     before = snapshot(out)
 
-    monkeypatch.setattr("medseg.files._fsync_file", fail_like_a_full_disk)
+    monkeypatch.setattr("medseg.core.files._fsync_file", fail_like_a_full_disk)
     refused(
         capsys,
         *args, "--quiet", "--overwrite",

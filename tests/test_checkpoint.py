@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from medseg.config import build_config
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path
 from medseg.engine.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -15,8 +17,6 @@ from medseg.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medseg.errors import MedsegError
-from medseg.files import atomic_path
 from medseg.model import DeepLabV3Plus
 
 
@@ -230,7 +230,7 @@ def test_predictor_runs_at_the_checkpoints_image_size_not_todays_default(tiny_ch
     # A model trained at 64×64 must see 64×64 inputs, whatever the default size has become
     # since (it was 256 before the default recipe moved to 160).
     from medseg.config import DataConfig
-    from medseg.inference import Predictor
+    from medseg.prediction.predictor import Predictor
 
     assert DataConfig().image_size != 64
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", tta="none")

@@ -10,7 +10,7 @@ from medseg.config import (
     parse_override,
     save_config,
 )
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 
 def test_defaults():

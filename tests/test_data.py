@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import medseg.data.cache as cache_module
+from medseg.core.errors import MedsegError
 from medseg.data.cache import cache_root, prepare
 from medseg.data.folder import (
     SegmentationFolder,
@@ -20,7 +21,6 @@ from medseg.data.folder import (
 from medseg.data.io import read_image, read_mask
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from medseg.errors import MedsegError
 
 # --- read_image / read_mask ---------------------------------------------------------------
 

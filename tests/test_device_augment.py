@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from medseg.cli import main
+from medseg.core.errors import MedsegError
 from medseg.data.cache import PreparedCache
 from medseg.data.device_augment import DeviceBatches, augment_batch
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from medseg.errors import MedsegError
 
 
 def blob_batch(n: int = 6, size: int = 64):

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from medseg.cli import main
+from medseg.core.errors import MedsegError
 from medseg.data.io import read_image
-from medseg.errors import MedsegError
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -165,9 +165,12 @@ def test_multi_frame_and_unreadable_dicom_are_refused(tmp_path):
 def test_missing_pydicom_is_one_line(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     write_dicom(tmp_path / "a.dcm", synthetic_gray(), uid="1.2.3.11")
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
-    with pytest.raises(MedsegError, match="reading DICOM needs pydicom"):
+    with pytest.raises(MedsegError, match="reading DICOM needs the Python package pydicom"):
         read_image(tmp_path / "a.dcm")
     args = ["predict", "--checkpoint", str(tiny_checkpoint), "--input", str(tmp_path)]
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "medseg: error: reading DICOM needs pydicom: pip install 'medseg[dicom]'"
+    assert err == (
+        "medseg: error: reading DICOM needs the Python package pydicom, which is not installed "
+        "here; install it with: pip install 'medseg[dicom]'"
+    )

@@ -1,4 +1,4 @@
-"""Validation (`medseg.engine.evaluate`) and folder evaluation (`medseg.evaluation`)."""
+"""Validation (`medseg.engine.validation`) and folder evaluation (`medseg.commands.evaluate`)."""
 
 import ast
 import csv
@@ -13,14 +13,7 @@ from PIL import Image
 
 import medseg
 from medseg.cli import main
-from medseg.config import build_config
-from medseg.data.folder import find_pairs
-from medseg.data.io import read_image, read_mask, read_target
-from medseg.engine import evaluate as validation
-from medseg.engine.checkpoint import save_checkpoint
-from medseg.engine.evaluate import evaluate_loader
-from medseg.engine.runtime import select_precision
-from medseg.evaluation import (
+from medseg.commands.evaluate import (
     PER_CLASS_TABLE,
     PER_IMAGE_COLUMNS,
     SUMMARY_TABLE,
@@ -28,10 +21,17 @@ from medseg.evaluation import (
     format_summary,
     score_pair,
 )
-from medseg.inference import Predictor
+from medseg.config import build_config
+from medseg.data.folder import find_pairs
+from medseg.data.io import read_image, read_mask, read_target
+from medseg.engine import validation
+from medseg.engine.checkpoint import save_checkpoint
+from medseg.engine.runtime import select_precision
+from medseg.engine.validation import evaluate_loader
 from medseg.losses import DiceBCELoss
 from medseg.metrics import MetricAccumulator, binarize, class_counts, confusion_counts, dice
 from medseg.model import DeepLabV3Plus
+from medseg.prediction.predictor import Predictor
 
 CPU = torch.device("cpu")
 
@@ -159,7 +159,13 @@ def test_validation_imports_nothing_above_the_engine():
         if isinstance(node, ast.Import)
         for alias in node.names
     }
-    above = {"medseg.inference", "medseg.evaluation", "medseg.api", "medseg.cli", "medseg.report"}
+    above = {
+        "medseg.prediction.predictor",
+        "medseg.commands.evaluate",
+        "medseg.api",
+        "medseg.cli",
+        "medseg.commands.report",
+    }
     assert imported & above == set()
 
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import medseg
 from medseg import api
 from medseg.cli import main
 from medseg.config import build_config
+from medseg.core.errors import MedsegError
 from medseg.data.io import read_image
 from medseg.data.transforms import normalisation
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from medseg.errors import MedsegError
-from medseg.inference import Predictor, resolve_tta
 from medseg.model import DeepLabV3Plus
+from medseg.prediction.predictor import Predictor, resolve_tta
 
 MULTI_CLASS = {
     "model.backbone": "resnet18",
@@ -94,7 +95,7 @@ def test_safetensors_round_trip_gives_identical_logits_and_masks(checkpoint, tmp
     assert written["source_checkpoint_sha256"] == sha256(checkpoint)
     assert {key: written[key] for key in ("data", "model", "train")} == config.to_dict()
 
-    loaded = DeepLabV3Plus.from_pretrained(out)
+    loaded = medseg.load_pretrained(out)
     batch = torch.randn(2, config.data.channels, 64, 80)
     with torch.no_grad():
         assert torch.equal(loaded(batch), original.eval()(batch))
@@ -131,26 +132,26 @@ def test_a_pretrained_folder_loads_without_unpickling_anything(
 
 def test_model_save_pretrained_with_and_without_the_run_config(multiclass_checkpoint, tmp_path):
     model, config = model_from_checkpoint(load_checkpoint(multiclass_checkpoint))
-    model.save_pretrained(tmp_path / "full", config=config)
+    medseg.save_pretrained(model, tmp_path / "full", config=config)
     assert Predictor.from_pretrained(tmp_path / "full", device="cpu").config == config
 
-    model.save_pretrained(tmp_path / "bare")  # the model's arguments alone
-    bare = DeepLabV3Plus.from_pretrained(tmp_path / "bare")
+    medseg.save_pretrained(model, tmp_path / "bare")  # the model's arguments alone
+    bare = medseg.load_pretrained(tmp_path / "bare")
     batch = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(bare(batch), model.eval()(batch))
     with pytest.raises(MedsegError, match="no input size"):
         Predictor.from_pretrained(tmp_path / "bare")
     with pytest.raises(MedsegError, match="already holds an exported model"):
-        model.save_pretrained(tmp_path / "bare")
+        medseg.save_pretrained(model, tmp_path / "bare")
 
 
 def test_a_pretrained_folder_keeps_the_aspp_rates_and_decoder_the_model_was_built_with(tmp_path):
     model = DeepLabV3Plus(
         backbone="resnet18", aspp_rates=(3, 6, 9), decoder_stride=2, pooling_window=32
     ).eval()
-    model.save_pretrained(tmp_path / "rates")
-    loaded = DeepLabV3Plus.from_pretrained(tmp_path / "rates")
+    medseg.save_pretrained(model, tmp_path / "rates")
+    loaded = medseg.load_pretrained(tmp_path / "rates")
     assert loaded.aspp.rates == (3, 6, 9) and loaded.decoder.fine is not None
     assert loaded.aspp.branches[-1].window == 2
     batch = torch.randn(1, 3, 64, 64)  # larger than the window: the windowed average
@@ -416,7 +417,7 @@ def test_export_refuses_a_folder_holding_a_model_unless_overwrite(
 
 
 def test_a_failed_export_leaves_nothing_half_written(tiny_checkpoint, tmp_path, monkeypatch):
-    from medseg.exports import pretrained
+    from medseg.formats import safetensors as pretrained
 
     out = tmp_path / "out"
     api.export(checkpoint=tiny_checkpoint, out=out)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from medseg.errors import MedsegError
-from medseg.files import atomic_path, remove_partial_files, write_text
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path, remove_partial_files, write_text
 
 
 def mode(path):
@@ -29,7 +29,7 @@ def test_importing_medseg_leaves_the_umask_alone():
     code = (
         "import os; calls = []; real = os.umask; "
         "os.umask = lambda mask: calls.append(mask) or real(mask); "
-        "import medseg, medseg.files; assert not calls, calls"
+        "import medseg, medseg.core.files; assert not calls, calls"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -12,24 +12,18 @@ from PIL import Image
 from torch import nn
 
 from medseg.cli import build_parser, main
+from medseg.commands.predict import predict
+from medseg.config.choices import DEFAULT_TTA, TTA_MODES
+from medseg.core.errors import MedsegError
 from medseg.data.cache import prepare
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.runtime import Precision
-from medseg.errors import MedsegError
-from medseg.inference import (
-    DEFAULT_TTA,
-    RECORD_NAME,
-    TTA_MODES,
-    Predictor,
-    _orient,
-    _unorient,
-    keep_largest_component,
-    predict,
-    tta_views,
-)
+from medseg.prediction.outputs import RECORD_NAME
+from medseg.prediction.postprocess import keep_largest_component
+from medseg.prediction.predictor import Predictor, _orient, _unorient, tta_views
 
 
 class Recorder(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 from medseg.losses import (
     DiceBCELoss,
     DiceFocalLoss,

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from medseg.config import build_config
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 from medseg.model import DeepLabV3Plus, build_backbone
 from medseg.model.aspp import ImagePooling
 

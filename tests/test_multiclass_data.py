@@ -8,13 +8,13 @@ from PIL import Image
 
 from medseg.cli import main
 from medseg.config import build_config
+from medseg.core.errors import MedsegError
 from medseg.data.cache import prepare
 from medseg.data.dataset import read_dataset_info
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image, read_label_map, read_mask, read_target
 from medseg.data.plan import BINARY_IMAGE_SIZE, plan, round_trip
 from medseg.data.transforms import resize_label_map, train_transform
-from medseg.errors import MedsegError
 
 LABELS = ["background", "disc", "bar"]
 

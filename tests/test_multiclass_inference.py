@@ -10,21 +10,17 @@ from PIL import Image
 from torch import nn
 
 from medseg.api import visualize
+from medseg.commands.predict import predict
 from medseg.config import build_config
+from medseg.core.errors import MedsegError
 from medseg.data.io import read_image, to_channels
 from medseg.data.transforms import normalisation
+from medseg.drawing import overlay, save_prediction_figure
 from medseg.engine.checkpoint import save_checkpoint
 from medseg.engine.runtime import Precision
-from medseg.errors import MedsegError
-from medseg.inference import (
-    RECORD_NAME,
-    Predictor,
-    keep_largest_components,
-    output_names,
-    predict,
-    resolve_tta,
-)
-from medseg.visualize import overlay, save_prediction_figure
+from medseg.prediction.outputs import RECORD_NAME, output_names
+from medseg.prediction.postprocess import keep_largest_components
+from medseg.prediction.predictor import Predictor, resolve_tta
 
 LABELS = ["background", "left lung", "heart"]
 MULTI_CLASS = {

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from medseg.cli import main
+from medseg.core.errors import MedsegError
 from medseg.data import nnunet
 from medseg.data.cache import cache_root
 from medseg.data.dataset import read_dataset_info
 from medseg.data.folder import find_pairs
 from medseg.data.io import image_size, read_image, to_channels
 from medseg.data.transforms import normalisation
-from medseg.errors import MedsegError
 
 nib = pytest.importorskip("nibabel")
 
@@ -244,7 +244,8 @@ def test_labels_outside_the_declared_classes_are_refused(nnunet_root, capsys):
 def test_nibabel_missing_is_said_in_one_line(nnunet_root, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "nibabel", None)
     with pytest.raises(
-        MedsegError, match=r"reading NIfTI needs nibabel: pip install 'medseg\[nifti\]'"
+        MedsegError,
+        match=r"reading NIfTI needs the Python package nibabel.*pip install 'medseg\[nifti\]'",
     ):
         nnunet.slice_root(nnunet_root)
 

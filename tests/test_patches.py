@@ -21,7 +21,7 @@ from medseg.data.folder import SegmentationFolder, find_pairs
 from medseg.data.patches import PatchFolder, cut_patch, patch_corner, patches_per_image
 from medseg.data.plan import plan
 from medseg.data.transforms import train_transform
-from medseg.inference import Predictor
+from medseg.prediction.predictor import Predictor
 
 
 def write_vessel_set(root: Path, *, n_train: int = 6, n_test: int = 2, shape=(150, 170), seed=0):

@@ -5,8 +5,8 @@ import sys
 import pytest
 from tqdm import tqdm
 
-from medseg import progress
-from medseg.progress import LineProgress, progress_bar
+from medseg.core import progress
+from medseg.core.progress import LineProgress, progress_bar
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from medseg.cli import main
+from medseg.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OUT_OF_MEMORY, EXIT_SYSTEM
 from medseg.engine import train as train_module
 from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from medseg.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OUT_OF_MEMORY, EXIT_SYSTEM
 
 
 def one_line_failure(capsys, argv, *, status=EXIT_BAD_INPUT, expect=()):

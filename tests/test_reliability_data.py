@@ -19,11 +19,11 @@ from test_bad_input import write_png_header  # tests/ is on the path: one copy o
 import medseg.data.cache as cache_module
 from medseg.api import prepare_data
 from medseg.cli import main
+from medseg.core.errors import MedsegError
 from medseg.data.cache import cache_root, prepare
 from medseg.data.folder import find_pairs, list_images, train_val_samples
 from medseg.data.io import MAX_PIXELS, read_image, read_mask
 from medseg.data.plan import BINARY_IMAGE_SIZE
-from medseg.errors import MedsegError
 
 TINY = ["--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--quiet"]
 SHORT = [*TINY, "--epochs", "1", "--batch-size", "4"]

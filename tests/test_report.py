@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 
 from medseg.cli import main
-from medseg.evaluation import PER_CLASS_TABLE, SUMMARY_TABLE
-from medseg.report import pick_cases, write_report
-from medseg.visualize import class_colour
+from medseg.commands.evaluate import PER_CLASS_TABLE, SUMMARY_TABLE
+from medseg.commands.report import pick_cases, write_report
+from medseg.drawing import class_colour
 
 
 def _pictures(page: str) -> list[tuple[str, Image.Image]]:

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from medseg.cli import main
+from medseg.core.files import atomic_path
 from medseg.engine.checkpoint import load_checkpoint
-from medseg.files import atomic_path
-from medseg.inference import RECORD_NAME
+from medseg.prediction.outputs import RECORD_NAME
 
 TRAIN = [
     "--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--batch-size", "4",
@@ -175,9 +175,9 @@ def test_interrupted_predict_resumes_and_one_bad_image_loses_no_other(
     ]  # fmt: skip
 
     # Ctrl-C in the middle of writing the fifth mask.
-    import medseg.inference as inference
+    import medseg.prediction.outputs as inference
 
-    real_save, saves = inference._save_png, []
+    real_save, saves = inference.save_png, []
 
     def interrupted_at_the_fifth(path, array):
         saves.append(path)
@@ -187,7 +187,7 @@ def test_interrupted_predict_resumes_and_one_bad_image_loses_no_other(
                 raise KeyboardInterrupt
         real_save(path, array)
 
-    monkeypatch.setattr(inference, "_save_png", interrupted_at_the_fifth)
+    monkeypatch.setattr(inference, "save_png", interrupted_at_the_fifth)
     assert main(command) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
@@ -201,7 +201,7 @@ def test_interrupted_predict_resumes_and_one_bad_image_loses_no_other(
     )
     stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first}
 
-    monkeypatch.setattr(inference, "_save_png", real_save)
+    monkeypatch.setattr(inference, "save_png", real_save)
     assert main(command) == 1  # one image failed
     captured = capsys.readouterr()
     assert "8 masks written" in captured.out and "4 already there (kept)" in captured.out

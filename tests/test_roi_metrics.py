@@ -9,9 +9,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from medseg.cli import main
-from medseg.evaluation import evaluate_folder, format_summary
-from medseg.inference import Predictor
+from medseg.commands.evaluate import evaluate_folder, format_summary
 from medseg.metrics import MetricAccumulator, PixelAUC
+from medseg.prediction.predictor import Predictor
 
 
 def _one_line_error(capsys) -> str:

@@ -10,6 +10,7 @@ from torch import nn
 
 from medseg.cli import main
 from medseg.config import build_config
+from medseg.core.errors import MedsegError
 from medseg.engine.runtime import (
     CompiledOrEager,
     Ranks,
@@ -21,7 +22,6 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.engine.train import fit
-from medseg.errors import MedsegError
 
 
 def small_network() -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 
 from medseg.cli import main
 from medseg.engine.checkpoint import load_checkpoint
-from medseg.inference import mask_name
+from medseg.prediction.outputs import mask_name
 
 
 class Payload:

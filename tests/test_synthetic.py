@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.core.errors import MedsegError
 from medseg.data.synthetic import (
     MAX_AREA_FRACTION,
     MIN_AREA_FRACTION,
     make_synthetic_dataset,
     synthetic_sample,
 )
-from medseg.errors import MedsegError
 
 
 def _read_rgb(path):

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.errors import MedsegError
-from medseg.visualize import (
+from medseg.core.errors import MedsegError
+from medseg.drawing import (
     PALETTE,
     PREDICTION_COLOR,
     class_colour,
     colour_label_map,
     overlay,
     plot_training_curves,
-    read_metrics_csv,
     save_prediction_figure,
 )
+from medseg.engine.run_folder import RunFolder
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_training_curves_from_csv_strings(tmp_path):
         for e in range(1, 6)
     ]
     _write_metrics(tmp_path / "metrics.csv", rows)
-    read = read_metrics_csv(tmp_path / "metrics.csv")
+    read = RunFolder(tmp_path).metric_rows()
     assert read[1] == {
         "epoch": "2",
         "train_loss": "0.5",
@@ -138,7 +138,7 @@ def test_training_curves_need_rows(tmp_path):
 
 def test_read_metrics_csv_reports_missing_file(tmp_path):
     with pytest.raises(MedsegError, match="metrics file"):
-        read_metrics_csv(tmp_path / "nope.csv")
+        RunFolder(tmp_path / "nope").metric_rows()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from test_nnunet import AFFINE, LABELS, SHAPE, case_volumes, save_nifti, write_nnunet_root
 
 from medseg.cli import main
-from medseg.volumes import collect_volumes, score_volume
+from medseg.commands.volumes import collect_volumes, score_volume
 
 nib = pytest.importorskip("nibabel")
 
@@ -101,7 +101,7 @@ def test_predicted_slices_are_the_predictor_masks_of_the_windowed_slices(
     tmp_path, two_channel_checkpoint
 ):
     from medseg.data.nnunet import read_volume
-    from medseg.inference import Predictor
+    from medseg.prediction.predictor import Predictor
 
     root = write_nnunet_root(tmp_path / "root", test=("brain3",))
     out = tmp_path / "out"

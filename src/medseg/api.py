@@ -8,23 +8,29 @@ medseg.predict(checkpoint="runs/first", source="new_images/", output="masks/")
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from medseg.commands.evaluate import evaluate_folder, format_summary, score_pair
+from medseg.commands.export import export as export_model
+from medseg.commands.predict import predict as predict_files
+from medseg.commands.volumes import evaluate_volumes, predict_volumes
 from medseg.config import Config, build_config
+from medseg.config.choices import DEFAULT_TTA, OPSET
+from medseg.core.errors import MedsegError
+from medseg.core.files import check_writable, refuse_existing
 from medseg.data.cache import cache_layout, prepare
 from medseg.data.folder import SPLIT_NAMES, find_pairs, find_split, resolve_split_folder
 from medseg.data.io import read_image, read_target
+from medseg.data.layout import image_root, is_nifti, is_volume_root
 from medseg.data.plan import plan
+from medseg.drawing import save_prediction_figure
 from medseg.engine.train import fit
-from medseg.errors import MedsegError
-from medseg.evaluation import evaluate_folder, format_summary, score_pair
-from medseg.exports.writer import OPSET
-from medseg.exports.writer import export as export_model
-from medseg.files import check_writable
-from medseg.inference import DEFAULT_TTA, PredictionReport, Predictor
-from medseg.inference import predict as predict_files
-from medseg.visualize import save_prediction_figure
+from medseg.formats import safetensors
+from medseg.model import DeepLabV3Plus
+from medseg.prediction.outputs import PredictionReport
+from medseg.prediction.predictor import Predictor
 
 
 def train(
@@ -59,15 +65,22 @@ def train(
 def evaluate(
     *, checkpoint: str | Path, data: str | Path, out: str | Path, **options
 ) -> dict[str, Any]:
-    """Score a checkpoint on a folder of pairs; see `medseg.evaluation.evaluate_folder`."""
-    return evaluate_folder(checkpoint, data, out, **options)
+    """Score a checkpoint on a folder of pairs (`medseg.commands.evaluate.evaluate_folder`), on
+    an nnU-Net root's 2D slices, or volume by volume on an nnU-Net root of NIfTI volumes
+    (`medseg.commands.volumes.evaluate_volumes`, which takes no ``report`` or ``roi``)."""
+    if is_volume_root(data):
+        return evaluate_volumes(checkpoint, data, out, **options)
+    return evaluate_folder(checkpoint, image_root(data), out, **options)
 
 
 def predict(
     *, checkpoint: str | Path, source: str | Path, output: str | Path, **options
 ) -> PredictionReport:
     """Segment images into masks at their own size (0/255, or class indices for a multi-class
-    checkpoint); see `medseg.inference.predict`."""
+    checkpoint; `medseg.commands.predict.predict`), or NIfTI volumes into label volumes
+    (`medseg.commands.volumes.predict_volumes`, which writes no probabilities or overlays)."""
+    if is_nifti(source):
+        return predict_volumes(checkpoint, source, output, **options)
     return predict_files(checkpoint, source, output, **options)
 
 
@@ -103,11 +116,14 @@ def visualize(
     )
     pairs = find_pairs(resolve_split_folder(data), mask_suffix=predictor.config.data.mask_suffix)
     targets = {sample: out / f"{sample.id}_prediction.png" for sample in pairs[:num_samples]}
+    # Checked before the first figure, so none is half replaced.
     earlier = [path for path in targets.values() if path.exists()]
-    if earlier and not overwrite:  # checked before the first figure, so none is half replaced
-        raise MedsegError(
-            f"{earlier[0]} exists from an earlier run; choose another --out or pass --overwrite"
-        )
+    refuse_existing(
+        earlier,
+        what="figures",
+        overwrite=overwrite,
+        advice="choose another --out or pass --overwrite",
+    )
     check_writable(out)
     paths = []
     data = predictor.config.data
@@ -137,15 +153,33 @@ def export(
     """Ship a checkpoint (a .pt file or a run folder) as a folder ``out`` with a model card.
 
     ``format`` "safetensors" writes model.safetensors and config.json (load them with
-    `Predictor.from_pretrained` or `DeepLabV3Plus.from_pretrained`); "onnx" writes model.onnx
+    `Predictor.from_pretrained` or `load_pretrained`); "onnx" writes model.onnx
     and medseg.json (onnxruntime), ``quantize="int8"`` calibrated on the images in
     ``calibration``. Every prediction command accepts the folder as its checkpoint. Returns
-    what was written (see `medseg.exports.writer.export`).
+    what was written (see `medseg.commands.export.export`).
     """
     return export_model(
         checkpoint, out, format=format, quantize=quantize, calibration=calibration,
         overwrite=overwrite, opset=opset,
     )  # fmt: skip
+
+
+def load_pretrained(folder: str | os.PathLike) -> DeepLabV3Plus:
+    """The network `save_pretrained` (or ``medseg export --format safetensors``) wrote into
+    ``folder``, in eval mode; only JSON and raw tensors are read, nothing is unpickled."""
+    model, _ = safetensors.load_pretrained(folder)
+    return model
+
+
+def save_pretrained(
+    model: DeepLabV3Plus, folder: str | os.PathLike, *, config: Config | None = None, **options
+) -> Path:
+    """Write model.safetensors, config.json and a model card into ``folder``.
+
+    ``config`` is the run's resolved `medseg.config.Config`, which a Predictor needs (input
+    size, classes, threshold); ``options``: see `medseg.formats.safetensors.save_pretrained`.
+    """
+    return safetensors.save_pretrained(model, folder, config=config, **options)
 
 
 def prepare_data(
@@ -161,7 +195,7 @@ def prepare_data(
     channels and classes come from its dataset.json, so training finds the cache ready.
     Returns (folder, pairs cached, "file: reason" of each pair skipped) per split folder.
     """
-    root = Path(data)
+    root = Path(image_root(data))
     folders = (
         [find_split(root, split) for split in SPLIT_NAMES]
         if not (root / "images").is_dir()
@@ -226,4 +260,14 @@ def demo(
     return {"train": result, "test": summary}
 
 
-__all__ = ["demo", "evaluate", "export", "predict", "prepare_data", "train", "visualize"]
+__all__ = [
+    "demo",
+    "evaluate",
+    "export",
+    "load_pretrained",
+    "predict",
+    "prepare_data",
+    "save_pretrained",
+    "train",
+    "visualize",
+]

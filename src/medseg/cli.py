@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from medseg.config import choices
-from medseg.engine.run_folder import RunFolder
-from medseg.errors import (
+from medseg.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_BUG,
     EXIT_INTERRUPTED,
@@ -26,7 +25,7 @@ from medseg.errors import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return its exit status (see medseg.errors for what each means)."""
+    """Run one command; return its exit status (see medseg.core.errors for what each means)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -206,7 +205,7 @@ def _add_train(commands) -> None:
         "--preset", default="default", help="default (tuned recipe) or seed (the specification's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    allowed = choices()  # listed by the registries that own them
+    allowed = choices.setting_choices()  # torch-free: --help answers at once
     for flag, (key, kind, help_text) in TRAIN_FLAGS.items():
         values = allowed.get(tuple(key.split(".")))
         listed = f": {', '.join(map(str, values))}" if values else ""
@@ -244,6 +243,7 @@ def _add_train(commands) -> None:
 
 def _run_train(args) -> int:
     from medseg.api import train
+    from medseg.engine.run_folder import RunFolder
 
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
@@ -275,13 +275,6 @@ def _run_train(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
         print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
     return 0
-
-
-def data_root(data: str | Path) -> str | Path:
-    """``--data`` as medseg reads it: an nnU-Net raw root becomes its root of 2D slices."""
-    from medseg.data.nnunet import slice_root
-
-    return slice_root(data) or data
 
 
 def _new_run_folder() -> Path:
@@ -319,8 +312,6 @@ def _train_overrides(args) -> dict:
 
 
 def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
-    from medseg.inference import DEFAULT_TTA, TTA_MODES
-
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -329,9 +320,9 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
     parser.add_argument(
         "--tta",
         nargs="?",
-        const=DEFAULT_TTA,
-        default=DEFAULT_TTA,
-        choices=TTA_MODES,
+        const=choices.DEFAULT_TTA,
+        default=choices.DEFAULT_TTA,
+        choices=choices.TTA_MODES,
         help="test-time augmentation: flip (the four flips), d4 (adds 90° turns), none; auto: "
         "flip where the network was trained on flipped images, else none",
     )
@@ -352,7 +343,7 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=choices()[("train", "precision")],
+        choices=choices.PRECISIONS,
         help="numeric precision: auto (bf16 on GPUs and on CPUs with native bf16, else fp32)",
     )
     parser.add_argument(
@@ -393,12 +384,12 @@ def _add_evaluate(commands) -> None:
 
 def _run_evaluate(args) -> int:
     from medseg.api import evaluate
-    from medseg.evaluation import format_summary
+    from medseg.commands.evaluate import format_summary
+    from medseg.data.layout import is_volume_root
 
     out = args.out or _default_out(args.checkpoint, f"evaluation-{Path(args.data).name}")
-    if _is_volume_root(args.data):
+    if is_volume_root(args.data):
         return _run_evaluate_volumes(args, out)
-    args.data = data_root(args.data)
     summary = evaluate(
         checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, precision=args.precision, progress=not args.quiet,
@@ -414,17 +405,12 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _is_volume_root(data: str) -> bool:
-    from medseg.data.nnunet import is_nnunet_root, read_spec
-
-    return is_nnunet_root(data) and read_spec(Path(data)).nifti
-
-
 def _run_evaluate_volumes(args, out: Path) -> int:
-    from medseg.volumes import evaluate_volumes, format_volume_table
+    from medseg.api import evaluate
+    from medseg.commands.volumes import format_volume_table
 
-    summary = evaluate_volumes(
-        args.checkpoint, args.data, out, tta=args.tta, postprocess=args.postprocess,
+    summary = evaluate(
+        checkpoint=args.checkpoint, data=args.data, out=out, tta=args.tta, postprocess=args.postprocess,
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, precision=args.precision,
         progress=not args.quiet, compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
@@ -454,11 +440,11 @@ def _add_predict(commands) -> None:
 
 def _run_predict(args) -> int:
     from medseg.api import predict
-    from medseg.volumes import is_nifti, predict_volumes
+    from medseg.data.layout import is_nifti
 
     if is_nifti(args.input):
-        report = predict_volumes(
-            args.checkpoint, args.input, args.out, batch_size=args.batch_size, tta=args.tta,
+        report = predict(
+            checkpoint=args.checkpoint, source=args.input, output=args.out, batch_size=args.batch_size, tta=args.tta,
             postprocess=args.postprocess, overwrite=args.overwrite, device=args.device, precision=args.precision,
             progress=not args.quiet, compile=args.compile, threshold=args.threshold,
         )  # fmt: skip
@@ -514,7 +500,9 @@ def _run_visualize(args) -> int:
 
 
 def _default_out(checkpoint: str, name: str) -> Path:
-    return RunFolder.of_checkpoint(checkpoint).path / name
+    from medseg.formats.source import resolve_source
+
+    return resolve_source(checkpoint).run.path / name
 
 
 # --- prepare, demo ------------------------------------------------------------------------------
@@ -542,7 +530,7 @@ def _run_prepare(args) -> int:
     from medseg.api import prepare_data
 
     for folder, count, bad in prepare_data(
-        data_root(args.data), size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
+        args.data, size=args.size, mask_suffix=args.mask_suffix, skip_bad=args.skip_bad
     ):
         for problem in bad:  # named as `medseg train --skip-bad` names them
             print(f"skipped: {problem}")
@@ -583,8 +571,6 @@ def _run_demo(args) -> int:
 
 
 def _add_export(commands) -> None:
-    from medseg.exports.writer import FORMATS, OPSET, QUANTIZATIONS
-
     parser = commands.add_parser(
         "export", help="ship a checkpoint: safetensors (PyTorch) or ONNX, with a model card"
     )
@@ -592,7 +578,7 @@ def _add_export(commands) -> None:
     parser.add_argument(
         "--format",
         default="safetensors",
-        choices=FORMATS,
+        choices=choices.EXPORT_FORMATS,
         help="safetensors: model.safetensors + config.json, for medseg and PyTorch (default); "
         "onnx: model.onnx + medseg.json, for onnxruntime",
     )
@@ -601,7 +587,7 @@ def _add_export(commands) -> None:
     )
     parser.add_argument(
         "--quantize",
-        choices=QUANTIZATIONS,
+        choices=choices.QUANTIZATIONS,
         help="onnx only: int8 static quantization (model.onnx; the float model stays as "
         "model-fp32.onnx); needs --calibration",
     )
@@ -611,7 +597,10 @@ def _add_export(commands) -> None:
         help="images to calibrate int8 on: a folder of images, or a data root (train/images)",
     )
     parser.add_argument(
-        "--opset", type=positive_int, default=OPSET, help=f"ONNX opset, at least {OPSET}"
+        "--opset",
+        type=positive_int,
+        default=choices.OPSET,
+        help=f"ONNX opset, at least {choices.OPSET}",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a model already in the output folder"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 # ----------------------------------------------------------------------------------------------
 # Functional core

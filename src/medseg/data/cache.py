@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path, remove_partial_files, write_text
+from medseg.core.progress import progress_bar
 from medseg.data.folder import Sample, check_pair, find_pairs
 from medseg.data.io import read_image, read_target
 from medseg.data.transforms import resize_image, resize_target
-from medseg.errors import MedsegError
-from medseg.files import atomic_path, remove_partial_files, write_text
-from medseg.progress import progress_bar
 
 CACHE_VERSION = 4  # 3: channels and label maps; 4: images at their own size
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 FILE_NAME = "dataset.json"
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
+from medseg.core.errors import MedsegError
 from medseg.data.cache import PreparedCache
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from medseg.errors import MedsegError
 
 DEVICE_PIPELINES = ("default", "seed", "none")
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.io import _check_regular_file, _window_16_bit, read_error
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
+from medseg.core.optional import require
+from medseg.data.reading import check_regular_file, read_error, window_16_bit
 
 DICOM_EXTENSION = ".dcm"
 _PREAMBLE_END = 128  # "DICM" follows the 128-byte preamble
@@ -51,11 +52,7 @@ def list_dicom(folder: Path) -> list[Path]:
 
 def require_pydicom():
     """The pydicom module, or a one-line error that says how to install it."""
-    try:
-        import pydicom
-    except ImportError as error:
-        raise MedsegError("reading DICOM needs pydicom: pip install 'medseg[dicom]'") from error
-    return pydicom
+    return require("pydicom", extra="medseg[dicom]", purpose="reading DICOM")
 
 
 @lru_cache(maxsize=4096)
@@ -88,7 +85,7 @@ def read_dicom(path: str | Path) -> np.ndarray:
 
 def _read_dataset(path: Path):
     pydicom = require_pydicom()
-    _check_regular_file(path)
+    check_regular_file(path)
     try:
         dataset = pydicom.dcmread(path)
     except OSError as error:
@@ -152,4 +149,4 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
         values = values - low
     if float(values.max()) == float(values.min()) and values.max() > 255:
         return np.zeros(values.shape, np.uint8)  # a flat image: nothing to window
-    return _window_16_bit(values)
+    return window_16_bit(values)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medseg.core.errors import MedsegError
 from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_error, read_image, read_target
-from medseg.errors import MedsegError
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -13,16 +13,15 @@ as gray 76, a 16-bit file holding 0/255) is refused: read by that rule it would 
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
+from medseg.data.dicom import is_dicom, read_dicom
+from medseg.data.reading import check_regular_file, read_error, window_16_bit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".npy")
 
@@ -40,10 +39,7 @@ def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
     """
     if Path(path).suffix.lower() == ".npy":
         return to_channels(_read_npy(Path(path)), channels)
-    # A DICOM file (.dcm, or "DICM" at byte 128) goes to pydicom. Imported here: dicom.py
-    # builds on this module.
-    from medseg.data.dicom import is_dicom, read_dicom
-
+    # A DICOM file (.dcm, or "DICM" at byte 128) goes to pydicom.
     if is_dicom(path):
         return to_channels(read_dicom(path), channels)
     with _open(path) as image:
@@ -144,29 +140,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return image.height, image.width
 
 
-def read_error(path: str | Path, error: OSError, *, kind: str = "file") -> str:
-    """Why the `kind` ("file" or "folder") `path` could not be stat'ed, opened or listed.
-
-    One line that says what to do, for every OSError of reading a user's file.
-    """
-    number = error.errno
-    if number == errno.ENOENT and os.path.islink(path):
-        return (
-            f"{path} is a broken symbolic link (to {os.readlink(path)}); fix the link or remove it"
-        )
-    if number == errno.ELOOP:
-        return f"{path} is a symbolic link loop; fix the link or remove it"
-    if number == errno.ENOENT:
-        return f"{kind} not found: {path}"
-    if number in (errno.EACCES, errno.EPERM):
-        return f"cannot read the {kind} {path}: permission denied; check its permissions"
-    reason = error.strerror or str(error)
-    return f"cannot read the {kind} {path}: {reason}; check the disk, or replace it or remove it"
-
-
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
-    _check_regular_file(path)
+    check_regular_file(path)
     try:
         with warnings.catch_warnings():
             # PIL warns from its own limit upwards (89 megapixels); ours, checked below, rules.
@@ -197,7 +173,7 @@ def _open(path: str | Path) -> Image.Image:
 
 def _read_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
     """A uint8 (H, W) or (H, W, C) array from an .npy file; anything else is named and refused."""
-    _check_regular_file(path)
+    check_regular_file(path)
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
@@ -212,39 +188,9 @@ def _read_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
     return array
 
 
-def _check_regular_file(path: Path) -> None:
-    """Refuse what is not an existing, non-empty regular file before PIL opens it.
-
-    A folder named like an image is said to be one; a FIFO would block the read forever.
-    """
-    try:
-        status = path.stat()
-    except OSError as error:
-        raise MedsegError(read_error(path, error)) from error
-    if stat.S_ISDIR(status.st_mode):
-        raise MedsegError(f"{path} is a folder, not an image file; move it out or pass a file")
-    if not stat.S_ISREG(status.st_mode):
-        raise MedsegError(f"{path} is not a regular file; replace it with an image file")
-    if status.st_size == 0:
-        raise MedsegError(f"{path} is empty (0 bytes); replace it or remove it")
-
-
-def _window_16_bit(values: np.ndarray) -> np.ndarray:
-    """16-bit gray as 8 bits, windowed per image: its lowest value to 0, its highest to 255.
-
-    X-ray and CT exports use 10 to 16 of the 16 bits; scaling by the whole 16-bit range would
-    turn a 12-bit radiograph (0..4095) into 0..15, nearly black. Values that fit 8 bits
-    already are kept as they are.
-    """
-    low, high = float(values.min()), float(values.max())
-    if high <= 255:
-        return values.astype(np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.repeat(_window_16_bit(np.asarray(image, dtype=np.float64))[..., None], 3, axis=2)
+        return np.repeat(window_16_bit(np.asarray(image, dtype=np.float64))[..., None], 3, axis=2)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -12,7 +12,7 @@ ROOT/imagesTs/, ROOT/labelsTs/                              optional: the test s
 (``train/images/<case>_z<k>.png|.npy``, ``train/masks/<case>_z<k>_segmentation.png``, ``test/``
 and a medseg dataset.json) and returns it, so training, evaluation and ``medseg prepare`` read
 it as any other root. Volumes are cut along `SLICE_AXIS`; each channel is windowed per volume
-to uint8 (`window`), the function prediction uses too (`medseg.volumes`).
+to uint8 (`window`), the function prediction uses too (`medseg.commands.volumes`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medseg.core.errors import MedsegError
+from medseg.core.optional import require
 from medseg.data.cache import cache_root, file_identity
 from medseg.data.dataset import read_dataset_info
 from medseg.data.io import read_image, read_label_map
-from medseg.errors import MedsegError
 
 FORMAT_VERSION = 1  # part of the cache key: a new layout makes new roots
 SLICE_AXIS = 2  # axial for RAS-ordered NIfTI volumes: the last array axis
@@ -151,11 +152,7 @@ def find_cases(folder: Path, spec: Spec) -> dict[str, list[Path]]:
 
 def nibabel():
     """The nibabel module, imported on first use: reading NIfTI is an optional extra."""
-    try:
-        import nibabel
-    except ImportError as error:
-        raise MedsegError("reading NIfTI needs nibabel: pip install 'medseg[nifti]'") from error
-    return nibabel
+    return require("nibabel", extra="medseg[nifti]", purpose="reading NIfTI")
 
 
 def read_nifti(path: Path, case: str):

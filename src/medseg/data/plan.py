@@ -33,14 +33,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from medseg.config import Config, validate
+from medseg.core.errors import MedsegError
 from medseg.data.dataset import DatasetInfo, read_dataset_info
 from medseg.data.folder import train_pairs
 from medseg.data.io import read_target
-from medseg.errors import MedsegError
+from medseg.data.transforms import resize_label_map, resize_probabilities
 
 BINARY_IMAGE_SIZE = 160
 SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -188,8 +188,7 @@ def _worst_class(masks: list[np.ndarray], size: int, labels: list[str]) -> tuple
 
 
 def round_trip(mask: np.ndarray, size: int, classes: int) -> np.ndarray:
-    """A label map sent to size × size (nearest) and back as a prediction comes back."""
-    small = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    one_hot = np.stack([(small == value).astype(np.float32) for value in range(classes)], -1)
-    back = cv2.resize(one_hot, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
-    return back.argmax(-1).astype(np.uint8)
+    """A label map sent to size × size as training reads it, and back as a prediction comes back."""
+    small = resize_label_map(mask, size)
+    one_hot = np.stack([(small == value).astype(np.float32) for value in range(classes)])
+    return resize_probabilities(one_hot, mask.shape[:2]).argmax(0).astype(np.uint8)

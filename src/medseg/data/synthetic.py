@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medseg.errors import MedsegError
-from medseg.files import write_bytes, write_text
+from medseg.core.errors import MedsegError
+from medseg.core.files import write_bytes, write_text
 
 # Lesion area as a fraction of the image area.
 MIN_AREA_FRACTION = 0.05

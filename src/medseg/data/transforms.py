@@ -15,15 +15,11 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from medseg.errors import MedsegError
+from medseg.config.choices import AUGMENTATIONS
+from medseg.core.errors import MedsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The training pipelines train_transform builds: "default" (dermoscopy), "anatomy" (no
-# flips: sided anatomy, gray or colour), "seed" (the specification's), "none".
-AUGMENTATIONS = ("default", "anatomy", "seed", "none")
-# Pipelines whose flips make the network see both orientations, so flip TTA is meaningful.
-FLIPPING_AUGMENTATIONS = ("default", "seed")
 
 
 def normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -70,6 +66,16 @@ def resize_label_map(labels: np.ndarray, size: int) -> np.ndarray:
     if labels.shape[:2] == (size, size):
         return labels
     return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def resize_probabilities(probabilities: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A prediction brought to ``size = (height, width)`` as `resize_image` brings an image:
+    one map (H, W), or class probabilities (K, H, W), every class by the same interpolation so
+    that each pixel's probabilities still sum to 1."""
+    if probabilities.ndim == 2:
+        return resize_image(probabilities, size)
+    classes_last = resize_image(probabilities.transpose(1, 2, 0), size).reshape(*size, -1)
+    return np.ascontiguousarray(classes_last.transpose(2, 0, 1), dtype=np.float32)
 
 
 def resize_target(target: np.ndarray, size: int, *, label_map: bool) -> np.ndarray:

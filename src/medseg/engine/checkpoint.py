@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from medseg.config import Config, config_from_saved
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path
 from medseg.engine.run_folder import RunFolder
-from medseg.errors import MedsegError
-from medseg.files import atomic_path
 from medseg.model import DeepLabV3Plus
 
 FORMAT = "medseg-checkpoint"

@@ -19,14 +19,15 @@ so a lock file left by a killed run is simply taken over.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from medseg.errors import MedsegError
-from medseg.files import make_folder, refuse_existing, remove_partial_files, write_text
+from medseg.core.errors import MedsegError
+from medseg.core.files import make_folder, refuse_existing, remove_partial_files, write_text
 
 try:
     import fcntl
@@ -68,14 +69,24 @@ class RunFolder:
             advice="continue it with --resume, choose another --out, or pass --overwrite to replace it",
         )
 
-    def best_checkpoint(self) -> Path:
-        """``checkpoints/best.pt`` (or a bare ``best.pt`` beside it), for predicting."""
+    def best_checkpoint(self, expected: str = "the .pt file itself") -> Path:
+        """``checkpoints/best.pt`` (or a bare ``best.pt`` beside it), for predicting; without
+        one, a one-line refusal that says what to pass instead (``expected``)."""
         for candidate in (self.best, self.path / "best.pt"):
             if candidate.is_file():
                 return candidate
         raise MedsegError(
-            f"{self.path} is a folder without checkpoints/best.pt; pass the .pt file itself"
+            f"{self.path} is a folder without checkpoints/best.pt and not an export; pass {expected}"
         )
+
+    def metric_rows(self) -> list[dict[str, str]]:
+        """metrics.csv, one dict per finished epoch (values are the strings in the file)."""
+        try:
+            with open(self.metrics, newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise MedsegError(f"cannot read metrics file {self.metrics}: {reason}") from error
 
     def data_root(self) -> str:
         """The data root the run was started on (from run.json)."""

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medseg.errors import MedsegError
+from medseg.config.choices import DEVICE_FORMS
+from medseg.core.errors import MedsegError
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,6 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-DEVICE_FORMS = "auto, cpu, mps, cuda or cuda:N (N: a GPU's index, e.g. cuda:0)"
 
 
 def parse_device(name: str) -> torch.device:

@@ -24,14 +24,18 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
+from medseg.core.errors import MedsegError
+from medseg.core.files import check_writable, write_csv
+from medseg.core.progress import progress_bar
 from medseg.data.cache import cache_layout, prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
 from medseg.data.folder import SegmentationFolder, train_val_samples
-from medseg.data.nnunet import slice_root
+from medseg.data.layout import image_root
 from medseg.data.patches import PatchFolder, patches_per_image
 from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
+from medseg.drawing import plot_training_curves
 from medseg.engine.checkpoint import (
     config_of_checkpoint,
     load_checkpoint,
@@ -40,7 +44,6 @@ from medseg.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medseg.engine.evaluate import evaluate_loader
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import (
     CompiledOrEager,
@@ -60,13 +63,10 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.engine.sliding_window import SlidingWindow
-from medseg.errors import MedsegError
-from medseg.files import check_writable, write_csv
+from medseg.engine.validation import evaluate_loader
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
 from medseg.model import DeepLabV3Plus
-from medseg.progress import progress_bar
-from medseg.visualize import plot_training_curves
 
 METRIC_COLUMNS = (
     "epoch",
@@ -285,10 +285,10 @@ class TrainingSetup:
         """Set up training; ``pretrained`` overrides the config's (False when resuming).
 
         Settings the config leaves to the data are planned first (`medseg.data.plan`). An
-        nnU-Net raw root trains on its 2D slices (`medseg.data.nnunet.slice_root`); the run
+        nnU-Net raw root trains on its 2D slices (`medseg.data.layout.image_root`); the run
         records the root itself, so a resumed run finds the slices again.
         """
-        data_root = slice_root(data_root) or data_root
+        data_root = image_root(data_root)
         config = plan(config, data_root)
         settings = config.train
         device = select_device(settings.device)

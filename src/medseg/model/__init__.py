@@ -2,13 +2,14 @@
 
 from medseg.model.backbone import RESNETS, VARIANTS, build_backbone
 from medseg.model.decoder import DECODER_STRIDES
-from medseg.model.deeplab import LEGACY_SETTINGS, DeepLabV3Plus
+from medseg.model.deeplab import PAPER_DECODER_STRIDE, DeepLabV3Plus, model_arguments
 
 __all__ = [
     "DECODER_STRIDES",
-    "LEGACY_SETTINGS",
+    "PAPER_DECODER_STRIDE",
     "RESNETS",
     "VARIANTS",
     "DeepLabV3Plus",
     "build_backbone",
+    "model_arguments",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 # name -> (builder, ImageNet weights enum, channels of layer 1, 3 and 4)
 RESNETS = {

@@ -4,49 +4,51 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 from medseg.model.aspp import ASPP
 from medseg.model.backbone import build_backbone
 from medseg.model.decoder import DECODER_STRIDES, Decoder
 
-if TYPE_CHECKING:
-    from medseg.config import Config, ModelConfig
-
-
 # The paper's decoder, at a quarter of the input; also what a config's 0 (planned from the
 # data) builds before planning.
 PAPER_DECODER_STRIDE = 4
-
-# Model settings added after checkpoints had been written, with the value those older runs
-# used: a saved config without the key was trained that way.
-LEGACY_SETTINGS = {"separable": False, "decoder_stride": PAPER_DECODER_STRIDE}
 
 # The paper's ASPP rates at each output stride (Chen et al. 2017, chosen for 513 × 513 crops),
 # doubled at stride 8 so that the receptive fields cover the same part of the image.
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
-def model_arguments(config: ModelConfig) -> dict:
-    """The `DeepLabV3Plus` arguments (its ``config``, all but the weights) that a run's
-    ``model`` settings stand for."""
-    return {
-        "num_classes": config.num_classes,
-        "in_channels": config.in_channels,
-        "backbone": config.backbone,
-        "variant": config.variant,
-        "output_stride": config.output_stride,
-        "aspp_dropout": config.aspp_dropout,
-        "separable": config.separable,
-        "aspp_rates": list(config.aspp_rates),
-        "decoder_stride": config.decoder_stride or PAPER_DECODER_STRIDE,
-        "pooling_window": config.pooling_window,
-    }
+# What `DeepLabV3Plus.config` records: every argument but the weights, so that a checkpoint's
+# config rebuilds the network. A run's ``model`` settings (medseg.config.ModelConfig) carry the
+# same names.
+ARGUMENTS = (
+    "num_classes",
+    "in_channels",
+    "backbone",
+    "variant",
+    "output_stride",
+    "aspp_dropout",
+    "separable",
+    "aspp_rates",
+    "decoder_stride",
+    "pooling_window",
+)
+
+
+def model_arguments(settings: Any) -> dict[str, Any]:
+    """The `DeepLabV3Plus` arguments that a run's ``model`` settings (any object with the
+    attributes `ARGUMENTS` names, e.g. `medseg.config.ModelConfig`) stand for; a decoder
+    stride of 0 (planned from the data, not planned yet) builds the paper's."""
+    arguments = {name: getattr(settings, name) for name in ARGUMENTS}
+    arguments["aspp_rates"] = list(arguments["aspp_rates"])
+    arguments["decoder_stride"] = arguments["decoder_stride"] or PAPER_DECODER_STRIDE
+    return arguments
 
 
 class DeepLabV3Plus(nn.Module):
@@ -85,18 +87,9 @@ class DeepLabV3Plus(nn.Module):
                 f"decoder_stride={decoder_stride} is not available; choose one of "
                 f"{', '.join(map(str, DECODER_STRIDES))}"
             )
-        self.config = {
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "backbone": backbone,
-            "variant": variant,
-            "output_stride": output_stride,
-            "aspp_dropout": aspp_dropout,
-            "separable": separable,
-            "aspp_rates": list(aspp_rates),
-            "decoder_stride": decoder_stride,
-            "pooling_window": pooling_window,
-        }
+        given = locals()
+        self.config = {name: given[name] for name in ARGUMENTS}
+        self.config["aspp_rates"] = list(aspp_rates)
         self.backbone = build_backbone(
             name=backbone,
             variant=variant,
@@ -121,35 +114,13 @@ class DeepLabV3Plus(nn.Module):
         self.backbone_frozen = False
 
     @classmethod
-    def from_config(
-        cls, config: ModelConfig, *, pretrained: bool | str | None = None
-    ) -> DeepLabV3Plus:
-        """The network a run's ``model`` settings describe (``pretrained`` overrides theirs)."""
+    def from_config(cls, config: Any, *, pretrained: bool | str | None = None) -> DeepLabV3Plus:
+        """The network a run's ``model`` settings (`medseg.config.ModelConfig`) describe
+        (``pretrained`` overrides theirs)."""
         return cls(
             **model_arguments(config),
             pretrained=config.pretrained if pretrained is None else pretrained,
         )
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> DeepLabV3Plus:
-        """The network `save_pretrained` (or ``medseg export --format safetensors``) wrote into
-        ``folder``, in eval mode; only JSON and raw tensors are read, nothing is unpickled."""
-        from medseg.exports.pretrained import load_pretrained  # it builds this class
-
-        model, _ = load_pretrained(folder)
-        return model
-
-    def save_pretrained(
-        self, folder: str | os.PathLike, *, config: Config | None = None, **options
-    ) -> os.PathLike:
-        """Write model.safetensors, config.json and a model card into ``folder``.
-
-        ``config`` is the run's resolved `medseg.config.Config`, which a Predictor needs (input
-        size, classes, threshold); ``options``: see `medseg.exports.pretrained.save_pretrained`.
-        """
-        from medseg.exports.pretrained import save_pretrained
-
-        return save_pretrained(self, folder, config=config, **options)
 
     def zero_taps_out_of_reach(self, input_size: int) -> None:
         """Zero the ASPP taps that an ``input_size`` × ``input_size`` input never reaches, for a

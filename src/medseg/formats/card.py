@@ -7,7 +7,6 @@ unknown rather than guessed.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -16,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config
+from medseg.core.errors import MedsegError
+from medseg.core.version import __version__
 from medseg.data.folder import find_split, list_images
 from medseg.data.transforms import normalisation
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.sliding_window import inference_tile
-from medseg.errors import MedsegError
-from medseg.exports.folder import medseg_version
 from medseg.model.deeplab import model_arguments
 
 
@@ -64,7 +63,7 @@ class Provenance:
             self.train_images = len(list_images(train / "images")) if train else None
         except MedsegError:  # no run.json, or the data has moved since: left unknown
             pass
-        rows = _metric_rows(run.metrics)
+        rows = _metric_rows(run)
         if rows:
             best = max(rows, key=lambda row: row["val_dice"])
             self.best_epoch, self.best_val_dice = int(best["epoch"]), best["val_dice"]
@@ -78,12 +77,11 @@ class Provenance:
                 self.evaluations.append({"folder": summary.parent.name, **values})
 
 
-def _metric_rows(path: Path) -> list[dict[str, float]]:
+def _metric_rows(run: RunFolder) -> list[dict[str, float]]:
     """metrics.csv's rows with a finite epoch and validation Dice (others are skipped)."""
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = run.metric_rows()
+    except MedsegError:  # none, or unreadable: the card says it was not recorded
         return []
     numbers = []
     for row in rows:
@@ -105,17 +103,15 @@ def model_card(
     usage: str,
 ) -> str:
     """README.md for an exported model; ``files`` and ``usage`` describe its format."""
-    data, model = config.data, config.model
-    labels = list(data.labels)
-    binary = model.num_classes == 1
+    labels = list(config.data.labels)
+    binary = config.model.num_classes == 1
     task = "binary masks" if binary else f"{len(labels)} classes ({', '.join(labels)})"
-    mean, std = normalisation(data.channels)
     provenance = provenance or Provenance()
     lines = [
-        f"# DeepLabv3+ ({model.backbone}) for {task}",
+        f"# DeepLabv3+ ({config.model.backbone}) for {task}",
         "",
         "Exported by medseg "
-        f"{medseg_version()} on {datetime.datetime.now(datetime.timezone.utc).date().isoformat()}"
+        f"{__version__} on {datetime.datetime.now(datetime.timezone.utc).date().isoformat()}"
         + (f" from `{provenance.source}`" if provenance.source else "")
         + (f" (SHA-256 `{provenance.sha256}`)" if provenance.sha256 else "")
         + ".",
@@ -130,15 +126,7 @@ def model_card(
         "",
         "## Model",
         "",
-        f"- DeepLabv3+, backbone {model.backbone} ({model.variant} variant), output stride "
-        f"{model.output_stride}, {'separable' if model.separable else 'plain'} 3×3 "
-        f"convolutions in the ASPP and decoder, {_pooling(model)}, logits at stride "
-        f"{model_arguments(model)['decoder_stride']}.",
-        f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
-        + _input_size(data)
-        + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "
-        "per channel.",
-        _output_line(config),
+        *_model_lines(config),
         f"- Classes: {_classes(labels, binary)}.",
         f"- Recommended test-time augmentation: {tta} (what `--tta auto` runs).",
         f"- Files: {files}.",
@@ -157,6 +145,23 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_lines(config: Config) -> list[str]:
+    """The network and what it takes: the card's Model section up to its classes."""
+    data, model = config.data, config.model
+    mean, std = normalisation(data.channels)
+    return [
+        f"- DeepLabv3+, backbone {model.backbone} ({model.variant} variant), output stride "
+        f"{model.output_stride}, {'separable' if model.separable else 'plain'} 3×3 "
+        f"convolutions in the ASPP and decoder, {_pooling(model)}, logits at stride "
+        f"{model_arguments(model)['decoder_stride']}.",
+        f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
+        + _input_size(data)
+        + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "
+        "per channel.",
+        _output_line(config),
+    ]
 
 
 def _numbers(values: tuple[float, ...]) -> str:

@@ -19,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from medseg.commands.evaluate import target_labels
+from medseg.config.choices import DEFAULT_TTA
+from medseg.core.errors import MedsegError
+from medseg.core.files import check_writable, refuse_existing, write_bytes, write_csv, write_text
+from medseg.core.progress import progress_bar
+from medseg.data.layout import nifti_ending
 from medseg.data.nnunet import (
-    NIFTI_ENDINGS,
     SLICE_AXIS,
     find_cases,
     nibabel,
@@ -29,36 +34,12 @@ from medseg.data.nnunet import (
     read_volume,
     volume_slices,
 )
-from medseg.errors import MedsegError
-from medseg.evaluation import _target_labels
-from medseg.files import check_writable, refuse_existing, write_bytes, write_csv, write_text
-from medseg.inference import (
-    DEFAULT_TTA,
-    PredictionReport,
-    Predictor,
-    _claim_output,
-    file_sha256,
-    model_file,
-)
+from medseg.formats.source import resolve_source
 from medseg.metrics import MetricAccumulator, foreground_classes, surface_distances
-from medseg.progress import progress_bar
+from medseg.prediction.outputs import PredictionReport, claim_output, prediction_record
+from medseg.prediction.predictor import Predictor
 
 VOLUME_COLUMNS = ("case", "class", "dice", "hd95_mm", "truth_voxels", "predicted_voxels")
-
-
-def is_nifti(path: str | Path) -> bool:
-    """Whether ``path`` is a NIfTI file, or a folder holding some (what predict dispatches on)."""
-    path = Path(path)
-    if path.is_dir():
-        try:
-            return any(_nifti_ending(child) for child in path.iterdir())
-        except OSError:  # unreadable: the image path's listing names the problem
-            return False
-    return _nifti_ending(path) is not None
-
-
-def _nifti_ending(path: Path) -> str | None:
-    return next((ending for ending in NIFTI_ENDINGS if path.name.endswith(ending)), None)
 
 
 def collect_volumes(source: str | Path, channels: int) -> dict[str, list[Path]]:
@@ -70,7 +51,7 @@ def collect_volumes(source: str | Path, channels: int) -> dict[str, list[Path]]:
     paths = [source] if source.is_file() else sorted(source.iterdir())
     by_case: dict[str, dict[int, Path]] = {}
     for path in paths:
-        ending = _nifti_ending(path)
+        ending = nifti_ending(path)
         if ending is None or path.name.startswith("."):
             continue
         stem = path.name[: -len(ending)]
@@ -128,7 +109,7 @@ def predict_volumes(
     threshold: float | None = None,
 ) -> PredictionReport:
     """Segment NIfTI volumes into ``output/<case>.nii.gz``; earlier results are kept and
-    skipped, or refused when another checkpoint made them, as `medseg.inference.predict` does."""
+    skipped, or refused when another checkpoint made them, as `medseg.prediction.predictor.predict` does."""
     output = Path(output)
     nibabel()  # before the seconds spent loading the checkpoint
     check_writable(output)
@@ -137,16 +118,11 @@ def predict_volumes(
         threshold=threshold, precision=precision,
     )  # fmt: skip
     cases = collect_volumes(source, predictor.config.data.channels)
-    record = {
-        "checkpoint_sha256": file_sha256(model_file(checkpoint)),
-        "tta": predictor.tta,
-        "postprocess": postprocess,
-        "threshold": predictor.threshold,
-    }
+    record = prediction_record(resolve_source(checkpoint), predictor)
     report = PredictionReport()
     first_files = {paths[0]: case for case, paths in cases.items()}
     names = {path: [f"{case}.nii.gz"] for path, case in first_files.items()}
-    pending = _claim_output(output, names, record, overwrite=overwrite, report=report)
+    pending = claim_output(output, names, record, overwrite=overwrite, report=report)
     for path in progress_bar(pending, desc="predicting volumes", enabled=progress):
         case = first_files[path]
         volume, image = read_volume(cases[case], case)
@@ -225,9 +201,18 @@ def evaluate_volumes(
         checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
         threshold=threshold, precision=precision,
     )  # fmt: skip
-    _target_labels(checkpoint, predictor, root)  # refuses other classes than the checkpoint's
+    target_labels(checkpoint, predictor, root)  # refuses other classes than the checkpoint's
     _check_channels(checkpoint, predictor, spec)
     class_names = foreground_classes(list(spec.labels))
+    rows, slices = _score_cases(predictor, root, spec, cases, class_names, batch_size, progress)
+    summary = _summary(rows, class_names, slices, root)
+    write_csv(out / "per_volume.csv", rows, VOLUME_COLUMNS)
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _score_cases(predictor, root, spec, cases, class_names, batch_size, progress):
+    """Per-volume rows (one per case and class) and the accumulated slice metrics."""
     slices = MetricAccumulator(classes=class_names)
     rows = []
     for case, paths in progress_bar(list(cases.items()), desc="scoring volumes", enabled=progress):
@@ -248,10 +233,7 @@ def evaluate_volumes(
             np.moveaxis(truth, SLICE_AXIS, 0),
             ids=[f"{case}_z{k}" for k in range(predicted.shape[SLICE_AXIS])],
         )
-    summary = _summary(rows, class_names, slices, root)
-    write_csv(out / "per_volume.csv", rows, VOLUME_COLUMNS)
-    write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    return rows, slices
 
 
 def _check_channels(checkpoint, predictor: Predictor, spec) -> None:

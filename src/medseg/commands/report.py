@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from medseg.files import write_text
-from medseg.visualize import class_colour, overlay
+from medseg.core.files import write_text
+from medseg.drawing import class_colour, overlay
 
 HISTOGRAMS = (
     ("dice", "Dice", (0, 1)),
@@ -65,7 +65,7 @@ def write_report(
     ``table`` lists (label, summary key) rows; for a summary with ``per_class``, ``class_table``
     lists (heading, key) columns of a table with one row per class. ``labels`` (class names by
     value, ``config.data.labels``) with more than two names marks truth and prediction as label
-    maps, drawn in class colours (`medseg.visualize.class_colour`).
+    maps, drawn in class colours (`medseg.drawing.class_colour`).
     """
     dice_of = {row["id"]: row["dice"] for row in rows}
     label_maps = len(labels) > 2

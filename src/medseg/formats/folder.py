@@ -1,9 +1,8 @@
-"""An export folder's files, written all at once, and the optional packages an export needs."""
+"""An export folder's files, written all at once, and the JSON descriptors read back from one."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -11,11 +10,10 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from medseg.errors import MedsegError
-from medseg.files import check_writable, make_folder, refuse_existing
+from medseg.core.errors import MedsegError
+from medseg.core.files import check_writable, make_folder, refuse_existing
 
 # Every file an export writes: a folder holding any of them holds a model, which a new export
 # replaces whole (with --overwrite), so one folder never mixes two exports.
@@ -30,18 +28,6 @@ EXPORT_FILES = (
 # Descriptors are moved in last: a folder is only read as a model once its descriptor is there.
 DESCRIPTORS = ("config.json", "medseg.json")
 _STAGING = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.partial-export$")
-
-
-def require(module: str, *, install: str, purpose: str) -> ModuleType:
-    """Import ``module``, or say in one line which package to install for ``purpose``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        package = module.split(".")[0]
-        raise MedsegError(
-            f"{purpose} needs the Python package {package}, which is not installed here; "
-            f"install it with: pip install '{install}'"
-        ) from None
 
 
 def existing_export(out: str | os.PathLike) -> list[Path]:
@@ -115,9 +101,3 @@ def read_json(path: Path, *, advice: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise MedsegError(f"{path} does not hold a JSON object; {advice}")
     return values
-
-
-def medseg_version() -> str:
-    import medseg  # at call time: medseg/__init__ has finished by then
-
-    return medseg.__version__

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 
 @contextlib.contextmanager

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, config_from_dict, config_from_saved
+from medseg.core.errors import MedsegError
+from medseg.core.optional import require
+from medseg.core.version import __version__
 from medseg.engine.checkpoint import load_weights
-from medseg.errors import MedsegError
-from medseg.exports.card import Provenance, model_card
-from medseg.exports.folder import medseg_version, read_json, require, staged_export
+from medseg.formats.card import Provenance, model_card
+from medseg.formats.folder import read_json, staged_export
 from medseg.model import DeepLabV3Plus
 from medseg.model.deeplab import model_arguments
 
@@ -27,7 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONFIG_SECTIONS = tuple(section.name for section in fields(Config))  # data, model, train
 # safetensors is a dependency of medseg itself, so it is only missing from a broken install.
-SAFETENSORS = {"install": "safetensors", "purpose": "a pretrained folder (model.safetensors)"}
+SAFETENSORS_PACKAGE = {"extra": "safetensors", "purpose": "a pretrained folder (model.safetensors)"}
 USAGE = """\
 ```bash
 medseg predict --checkpoint THIS_FOLDER -i images/ -o masks/
@@ -39,7 +41,7 @@ import medseg
 
 predictor = medseg.Predictor.from_pretrained("THIS_FOLDER")
 masks = predictor.masks([uint8_image])  # at each image's own size
-model = medseg.DeepLabV3Plus.from_pretrained("THIS_FOLDER")  # the nn.Module alone
+model = medseg.load_pretrained("THIS_FOLDER")  # the nn.Module alone
 ```"""
 
 
@@ -62,13 +64,13 @@ def save_pretrained(
 
     ``config`` is the run's resolved config (what a Predictor needs: input size, channels,
     classes, threshold); without it only the model's own arguments are saved, enough for
-    `DeepLabV3Plus.from_pretrained` but not for a Predictor. ``tta`` is the recommended mode
+    `medseg.load_pretrained` but not for a Predictor. ``tta`` is the recommended mode
     for the card (default: none). A folder that holds a model is refused unless ``overwrite``;
     the files appear together or not at all.
     """
     config = config or config_of_model(model)
     _check_matches(model, config)
-    save_file = require("safetensors.torch", **SAFETENSORS).save_file
+    save_file = require("safetensors.torch", **SAFETENSORS_PACKAGE).save_file
     card = model_card(
         config,
         provenance,
@@ -94,7 +96,7 @@ def pretrained_config(config: Config, provenance: Provenance | None) -> dict[str
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "medseg_version": medseg_version(),
+        "medseg_version": __version__,
         "source_checkpoint_sha256": provenance.sha256 if provenance else None,
         **config.to_dict(),
     }
@@ -122,7 +124,7 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[DeepLabV3Plus, Config]:
         )
     sections = {key: value for key, value in values.items() if key in CONFIG_SECTIONS}
     config = config_from_saved(sections, source=str(folder / CONFIG_NAME))
-    load_file = require("safetensors.torch", **SAFETENSORS).load_file
+    load_file = require("safetensors.torch", **SAFETENSORS_PACKAGE).load_file
     path = folder / WEIGHTS_NAME
     try:
         weights = load_file(str(path), device="cpu")

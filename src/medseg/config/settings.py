@@ -1,4 +1,5 @@
-"""Typed run configuration: data, model and training settings, presets, YAML in and out.
+"""Typed run configuration: data, model and training settings, presets, YAML in and out, and
+the rules for configs that older runs saved.
 
 A run's settings resolve in this order, later winning: the dataclass defaults (the ``default``
 recipe), a named preset (``--preset seed`` reproduces the specification), a YAML file
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +20,14 @@ from typing import Any
 
 import yaml
 
-from medseg.errors import MedsegError
+from medseg.config.choices import (
+    DEVICE_FORMS,
+    MULTI_CLASS_LOSSES,
+    PER_IMAGE_LOSSES,
+    setting_choices,
+)
+from medseg.core.errors import MedsegError
+from medseg.core.files import write_text
 
 
 @dataclass
@@ -135,28 +144,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def choices() -> dict[tuple[str, str], tuple]:
-    """Every setting with a fixed list of values, each list taken from the registry that owns it."""
-    from medseg.data.transforms import AUGMENTATIONS
-    from medseg.engine.runtime import PRECISIONS
-    from medseg.losses import LOSSES
-    from medseg.model import DECODER_STRIDES, RESNETS, VARIANTS
-
-    return {
-        ("data", "mode"): ("auto", "resize", "patch"),
-        ("data", "augment"): ("auto", *AUGMENTATIONS),
-        ("data", "augment_on"): ("auto", "loader", "device"),
-        ("model", "backbone"): tuple(RESNETS),
-        ("model", "variant"): VARIANTS,
-        ("model", "output_stride"): (8, 16),
-        ("model", "decoder_stride"): (0, *DECODER_STRIDES),
-        ("train", "optimizer"): ("adam", "adamw"),
-        ("train", "schedule"): ("constant", "cosine", "poly"),
-        ("train", "loss"): tuple(LOSSES),
-        ("train", "precision"): PRECISIONS,
-    }
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a number may take: ``low``/``high`` None means unbounded on that side."""
@@ -241,9 +228,11 @@ def config_from_dict(values: dict[str, Any], *, source: str = "checkpoint") -> C
     return config
 
 
-# Data settings a saved config may predate, with the behaviour of its time: runs before patch
-# training resized every image.
+# Settings a saved config may predate, with the behaviour of its time: runs before patch
+# training resized every image; before these model settings, the head used plain 3×3
+# convolutions and the paper's decoder (stride 4).
 LEGACY_DATA_SETTINGS = {"mode": "resize"}
+LEGACY_SETTINGS = {"separable": False, "decoder_stride": 4}
 
 
 def config_from_saved(values: dict[str, Any], *, source: str) -> Config:
@@ -251,8 +240,6 @@ def config_from_saved(values: dict[str, Any], *, source: str) -> Config:
 
     Model and data settings that run predates take the value it was trained with, not today's default.
     """
-    from medseg.model import LEGACY_SETTINGS
-
     model_values = values.get("model")
     if isinstance(model_values, dict):
         values = {**values, "model": {**LEGACY_SETTINGS, **model_values}}
@@ -269,8 +256,6 @@ def read_saved_config(path: str | Path) -> Config:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from medseg.files import write_text
-
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
@@ -280,7 +265,7 @@ def validate(config: Config) -> None:
     Runs whenever a config is built, and again on a checkpoint's or run folder's config, so a
     setting that could only give a useless model never reaches training or prediction.
     """
-    for (section, key), allowed in choices().items():
+    for (section, key), allowed in setting_choices().items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
             raise MedsegError(
@@ -299,9 +284,9 @@ def validate(config: Config) -> None:
             raise MedsegError(
                 f"{section}.{key}={value!r} is impossible; it must be {allowed_range.describe()}"
             )
-    if config.train.loss_per_image and config.train.loss not in ("dice_bce", "dice", "dice_focal"):
+    if config.train.loss_per_image and config.train.loss not in PER_IMAGE_LOSSES:
         raise MedsegError(
-            f"train.loss_per_image needs a Dice loss (dice_bce, dice, dice_focal), "
+            f"train.loss_per_image needs a Dice loss ({', '.join(PER_IMAGE_LOSSES)}), "
             f"not {config.train.loss!r}"
         )
     _check_classes(config)
@@ -319,15 +304,12 @@ def validate(config: Config) -> None:
         raise MedsegError(
             "model.output_stride=8 needs model.variant=paper (the seed variant is stride 16)"
         )
-    from medseg.engine.runtime import parse_device
-
-    parse_device(config.train.device)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", config.train.device):
+        raise MedsegError(f"unknown device {config.train.device!r}; use {DEVICE_FORMS}")
 
 
 def _check_classes(config: Config) -> None:
     """The model's outputs and inputs must match the data's classes and channels."""
-    from medseg.losses import MULTI_CLASS_LOSSES
-
     labels, model = config.data.labels, config.model
     if labels and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise MedsegError(
@@ -419,19 +401,3 @@ def parse_override(text: str) -> tuple[str, Any]:
         with contextlib.suppress(ValueError):
             value = float(value)
     return dotted, value
-
-
-__all__ = [
-    "Config",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "PRESETS",
-    "build_config",
-    "config_from_dict",
-    "config_from_saved",
-    "parse_override",
-    "read_saved_config",
-    "save_config",
-    "validate",
-]

@@ -1,10 +1,10 @@
 """Scoring a checkpoint on a folder of image/mask pairs, each at its mask's own resolution.
 
-`evaluate_folder` predicts with `medseg.inference.Predictor`, feeds every prediction and its mask
+`evaluate_folder` predicts with `medseg.prediction.predictor.Predictor`, feeds every prediction and its mask
 to one `MetricAccumulator` (overlap and surface metrics), and writes ``per_image.csv`` (columns
 `PER_IMAGE_COLUMNS`, then per-class columns for a multi-class checkpoint) and ``summary.json``
 (`MetricAccumulator.summary` plus what was scored and how). Validation during training, at the
-network's resolution, is `medseg.engine.evaluate.evaluate_loader`.
+network's resolution, is `medseg.engine.validation.evaluate_loader`.
 
 Masks are read as the checkpoint was trained: label maps of its classes (``data.labels``) for a
 multi-class checkpoint; for a binary one, 0/1 label maps where the data's dataset.json declares
@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.commands.report import class_rows, pick_cases, write_report
+from medseg.config.choices import DEFAULT_TTA
+from medseg.core.errors import MedsegError
+from medseg.core.files import check_writable, refuse_existing, write_csv, write_text
 from medseg.data.dataset import find_dataset_json, read_dataset_info
 from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
 from medseg.data.io import IMAGE_EXTENSIONS, read_image, read_mask, read_target
-from medseg.errors import MedsegError
-from medseg.files import check_writable, write_csv, write_text
-from medseg.inference import DEFAULT_TTA, Predictor
 from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, PixelAUC, foreground_classes
-from medseg.report import class_rows, pick_cases, write_report
+from medseg.prediction.predictor import Predictor
 
 __all__ = [
     "PER_CLASS_TABLE",
@@ -99,44 +100,35 @@ def evaluate_folder(
     ``summary.json`` into ``out`` and returns the summary, whose ``data`` is the folder actually
     scored and ``tta`` the mode that ran; a multi-class summary adds ``per_class``,
     ``mean_foreground_dice`` and ``labels`` (the checkpoint's class names). With ``report``,
-    also an offline HTML page (``report/index.html``, see `medseg.report`).
+    also an offline HTML page (``report/index.html``, see `medseg.commands.report`).
 
     ``roi``: a folder of region-of-interest masks, one per image (module docstring); None uses
     the scored folder's ``fov/`` when it has one. The summary's ``roi`` is the folder used (None
     without), and a binary checkpoint's ``auc`` the pixel AUC (left out when the scored pixels'
     truth holds one class only, where it is undefined).
     """
-    tta = DEFAULT_TTA if tta is None else tta
     out = Path(out)
-    earlier = [name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
-    if earlier and not overwrite:
-        raise MedsegError(
-            f"{out} already holds an evaluation ({earlier[0]}); choose another --out or pass --overwrite"
-        )
+    earlier = [out / name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
+    refuse_existing(
+        earlier, what="an evaluation", overwrite=overwrite,
+        advice="choose another --out or pass --overwrite",
+    )  # fmt: skip
     check_writable(out)
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=device, tta=tta, postprocess=postprocess, compile=compile,
-        threshold=threshold, precision=precision,
+        checkpoint, device=device, tta=DEFAULT_TTA if tta is None else tta,
+        postprocess=postprocess, compile=compile, threshold=threshold, precision=precision,
     )  # fmt: skip
-    labels = list(predictor.config.data.labels)
-    target_labels = _target_labels(checkpoint, predictor, folder)
+    labels_read = target_labels(checkpoint, predictor, folder)
     pairs = find_pairs(folder, mask_suffix=predictor.config.data.mask_suffix)
     roi_folder = _roi_folder(folder, roi)
     rois = _roi_files(pairs, roi_folder) if roi_folder is not None else None
-    reading = {"channels": predictor.config.data.channels, "labels": target_labels}
+    reading = {"channels": predictor.config.data.channels, "labels": labels_read}
     metrics, auc = _score_pairs(
         predictor, pairs, rois, batch_size=batch_size, progress=progress, **reading
     )
-    summary = metrics.summary()
-    if auc is not None and auc.value() is not None:
-        summary["auc"] = auc.value()
-    summary.update(
-        {"checkpoint": str(checkpoint), "data": str(folder), "tta": predictor.tta,
-         "postprocess": postprocess, "roi": None if roi_folder is None else str(roi_folder)}
-    )  # fmt: skip
-    if metrics.multi_class:  # binary summaries keep the keys they always had
-        summary["labels"] = labels
+    where = {"checkpoint": str(checkpoint), "data": str(folder), "roi": roi_folder}
+    summary = _summary(metrics, auc, predictor, **where)
     rows = metrics.rows()
     write_csv(out / "per_image.csv", rows, metrics.columns())
     write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -145,7 +137,24 @@ def evaluate_folder(
     return summary
 
 
-def _target_labels(checkpoint, predictor: Predictor, folder: Path) -> tuple[str, ...]:
+def _summary(
+    metrics: MetricAccumulator, auc: PixelAUC | None, predictor: Predictor, *, checkpoint: str,
+    data: str, roi: Path | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The summary.json of an evaluation: the metrics, then where and how they were made."""
+    summary = metrics.summary()
+    if auc is not None and auc.value() is not None:
+        summary["auc"] = auc.value()
+    summary.update(
+        {"checkpoint": checkpoint, "data": data, "tta": predictor.tta,
+         "postprocess": predictor.postprocess, "roi": None if roi is None else str(roi)}
+    )  # fmt: skip
+    if metrics.multi_class:  # binary summaries keep the keys they always had
+        summary["labels"] = list(predictor.config.data.labels)
+    return summary
+
+
+def target_labels(checkpoint, predictor: Predictor, folder: Path) -> tuple[str, ...]:
     """The class names to read the masks of ``folder`` with (`medseg.data.io.read_target`).
 
     Refuses data whose dataset.json declares classes other than the checkpoint's; two binary

@@ -1,6 +1,6 @@
 """Validation during training: loss and per-image counts over a loader, at network resolution.
 
-Scoring a checkpoint on a folder of pairs, at each mask's own size, is `medseg.evaluation`,
+Scoring a checkpoint on a folder of pairs, at each mask's own size, is `medseg.commands.evaluate`,
 which sits above inference; this module serves the training loop and uses only the metrics.
 """
 

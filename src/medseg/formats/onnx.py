@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from medseg.config import Config, config_from_saved
-from medseg.errors import MedsegError
-from medseg.exports.folder import read_json, require
+from medseg.core.errors import MedsegError
+from medseg.core.optional import require
+from medseg.formats.folder import read_json
 
 FORMAT = "medseg-onnx"
 FORMAT_VERSION = 1
@@ -24,7 +25,7 @@ FP32_NAME = "model-fp32.onnx"  # with --quantize int8: the float model beside th
 META_NAME = "medseg.json"
 INPUT_NAME = "image"  # float32 (N, C, H, W), normalised
 OUTPUT_NAME = "logits"  # float32 (N, K, H, W)
-ONNX = {"install": "medseg[onnx]", "purpose": "running an ONNX model"}
+ONNX_PACKAGE = {"extra": "medseg[onnx]", "purpose": "running an ONNX model"}
 
 
 def onnx_paths(path: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -57,7 +58,7 @@ class OnnxNetwork:
 
 def open_session(path: Path):
     """An onnxruntime CPU session for the graph at ``path``; a file it cannot read is refused."""
-    onnxruntime = require("onnxruntime", **ONNX)
+    onnxruntime = require("onnxruntime", **ONNX_PACKAGE)
     options = onnxruntime.SessionOptions()
     # As many threads as torch uses here, so --device cpu means the same load either way.
     options.intra_op_num_threads = torch.get_num_threads()

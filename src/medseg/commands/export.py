@@ -1,7 +1,7 @@
 """`export`: a checkpoint as a pretrained folder (safetensors) or an ONNX model, with its card.
 
 Every export is written into a staging folder beside the output and moved into place only
-when complete (`medseg.exports.folder.staged_export`), so a failed or killed export leaves the
+when complete (`medseg.formats.folder.staged_export`), so a failed or killed export leaves the
 output folder as it was. An ONNX graph is checked against the PyTorch model on a batch before
 it is kept; an int8 model is calibrated on images preprocessed by the Predictor itself.
 """
@@ -19,35 +19,36 @@ import numpy as np
 import torch
 
 from medseg.config import Config
+from medseg.config.choices import EXPORT_FORMATS as FORMATS
+from medseg.config.choices import OPSET, QUANTIZATIONS
+from medseg.core.errors import MedsegError
+from medseg.core.optional import require
+from medseg.core.version import __version__
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.data.transforms import normalisation
-from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.runtime import Precision
 from medseg.engine.sliding_window import inference_tile
-from medseg.errors import MedsegError
-from medseg.exports.card import Provenance, model_card
-from medseg.exports.folder import check_export_folder, medseg_version, require, staged_export
-from medseg.exports.onnx_runtime import (
+from medseg.formats.card import Provenance, model_card
+from medseg.formats.folder import check_export_folder, staged_export
+from medseg.formats.onnx import (
     FORMAT,
     FORMAT_VERSION,
     FP32_NAME,
     INPUT_NAME,
     META_NAME,
-    ONNX,
     ONNX_NAME,
+    ONNX_PACKAGE,
     OUTPUT_NAME,
     open_session,
 )
-from medseg.exports.pretrained import SAFETENSORS, save_pretrained
-from medseg.inference import Predictor, file_sha256, resolve_tta
+from medseg.formats.safetensors import SAFETENSORS_PACKAGE, load_pretrained, save_pretrained
+from medseg.formats.source import CHECKPOINT, ONNX, SAFETENSORS, ModelSource, resolve_source
 from medseg.model import DeepLabV3Plus
+from medseg.prediction.outputs import file_sha256
+from medseg.prediction.predictor import Predictor, resolve_tta
 
-FORMATS = ("safetensors", "onnx")
-QUANTIZATIONS = ("int8",)
-# ONNX opset 17: torch's exporter writes it since torch 1.13, and every onnxruntime the
-# extra allows (1.17 on) runs it; newer opsets add nothing this network uses.
-OPSET = 17
 CALIBRATION_IMAGES = 32  # int8 ranges from a few dozen images, spread over the folder
 ONNX_USAGE = """\
 ```bash
@@ -76,7 +77,8 @@ def export(
     overwrite: bool = False,
     opset: int = OPSET,
 ) -> dict[str, Any]:
-    """Write ``checkpoint`` (a .pt file or a run folder) into the folder ``out`` as ``format``.
+    """Write ``checkpoint`` (a .pt file, a run folder or a safetensors export) into the folder
+    ``out`` as ``format``.
 
     "safetensors": model.safetensors, config.json and README.md (`save_pretrained`). "onnx":
     model.onnx (opset ``opset``, batch, height and width dynamic), medseg.json and README.md;
@@ -86,53 +88,91 @@ def export(
     Returns what was written: {"out", "format", "files", "source", "sha256", ...}.
     """
     _check_request(format, quantize, calibration, opset)
-    source = resolve_checkpoint(checkpoint)  # a run folder without best.pt is named here
+    source = resolve_source(checkpoint)  # a folder that holds no model is named here
+    _check_out(Path(out), source)
     check_export_folder(out, overwrite=overwrite)
     calibration_paths = _calibration_images(calibration) if quantize else []
-    state = load_checkpoint(source)
-    model, config = model_from_checkpoint(state, path=source)
-    provenance = Provenance.of_checkpoint(
-        source, state, given=str(checkpoint), sha256=file_sha256(source)
-    )
+    model, config, provenance = _load_source(source, given=str(checkpoint))
     tta = resolve_tta("auto", config)
-    result = {"out": str(out), "format": format, "source": str(source), "sha256": provenance.sha256}
+    weights = str(source.weights)
+    result = {"out": str(out), "format": format, "source": weights, "sha256": provenance.sha256}
     if format == "safetensors":
         save_pretrained(
             model, out, config=config, overwrite=overwrite, provenance=provenance, tta=tta
         )
         return {**result, "files": ["model.safetensors", "config.json", "README.md"]}
     with staged_export(out, overwrite=overwrite) as staging:
-        difference = _write_onnx(model, config, staging / ONNX_NAME, opset=opset)
-        files = {ONNX_NAME: {"precision": "fp32"}}
-        quantization = None
-        if quantize:
-            os.replace(staging / ONNX_NAME, staging / FP32_NAME)
-            quantization = _quantize_int8(
-                model, config, staging, calibration_paths, source=calibration
-            )
-            files = {ONNX_NAME: {"precision": "int8"}, FP32_NAME: {"precision": "fp32"}}
-        for name, described in files.items():
-            described["sha256"] = file_sha256(staging / name)
-        meta = _describe(config, provenance, tta=tta, opset=opset)
-        meta.update(
-            files=files,
-            verified_max_logit_difference=difference,
-            quantization=quantization,
-            config=meta.pop("config"),  # last: the long part
-        )
-        (staging / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        listed = ", ".join(
-            f"{name} ({described['precision']})" for name, described in files.items()
-        )
-        card = model_card(
-            config,
-            provenance,
-            files=f"{listed} for onnxruntime, {META_NAME} (how to feed it)",
-            tta=tta,
-            usage=ONNX_USAGE,
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        files, quantization = _write_onnx_folder(
+            staging, model, config, provenance, tta=tta, opset=opset, quantize=quantize,
+            calibration=calibration, calibration_paths=calibration_paths,
+        )  # fmt: skip
     return {**result, "files": [*files, META_NAME, "README.md"], "quantization": quantization}
+
+
+def _write_onnx_folder(
+    staging: Path, model: DeepLabV3Plus, config: Config, provenance: Provenance, *, tta: str,
+    opset: int, quantize: str | None, calibration, calibration_paths: list[Path],
+) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
+    """model.onnx (and model-fp32.onnx when quantized), medseg.json and the card."""
+    difference = _write_onnx(model, config, staging / ONNX_NAME, opset=opset)
+    files = {ONNX_NAME: {"precision": "fp32"}}
+    quantization = None
+    if quantize:
+        os.replace(staging / ONNX_NAME, staging / FP32_NAME)
+        quantization = _quantize_int8(model, config, staging, calibration_paths, source=calibration)
+        files = {ONNX_NAME: {"precision": "int8"}, FP32_NAME: {"precision": "fp32"}}
+    for name, described in files.items():
+        described["sha256"] = file_sha256(staging / name)
+    meta = _describe(config, provenance, tta=tta, opset=opset)
+    meta.update(
+        files=files,
+        verified_max_logit_difference=difference,
+        quantization=quantization,
+        config=meta.pop("config"),  # last: the long part
+    )
+    (staging / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    listed = ", ".join(f"{name} ({described['precision']})" for name, described in files.items())
+    card = model_card(
+        config,
+        provenance,
+        files=f"{listed} for onnxruntime, {META_NAME} (how to feed it)",
+        tta=tta,
+        usage=ONNX_USAGE,
+    )
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    return files, quantization
+
+
+def _check_out(out: Path, source: ModelSource) -> None:
+    """An export goes into a folder of its own, never over the run or the model it comes from."""
+    protected = {source.path.resolve(), source.weights.parent.resolve()}
+    if source.kind == CHECKPOINT:
+        protected.add(source.run.path.resolve())
+    if out.resolve() in protected:
+        raise MedsegError(
+            f"--out {out} is the folder of the model being exported; the export's files would "
+            f"overwrite the run's own: choose a new folder, e.g. {out / 'export'}"
+        )
+
+
+def _load_source(source: ModelSource, *, given: str) -> tuple[DeepLabV3Plus, Config, Provenance]:
+    """The network, its config and where it came from, for a checkpoint or a safetensors export.
+
+    An ONNX export holds a graph, not the network's weights in a form PyTorch rebuilds from.
+    """
+    if source.kind == ONNX:
+        raise MedsegError(
+            f"{source.path} is an ONNX export, which cannot be exported again; pass the .pt "
+            f"file, run folder or safetensors folder it was made from"
+        )
+    if source.kind == SAFETENSORS:
+        model, config = load_pretrained(source.path)
+        return model, config, Provenance(source=given, sha256=file_sha256(source.weights))
+    state = load_checkpoint(source.weights)  # names a missing or damaged file
+    model, config = model_from_checkpoint(state, path=source.weights)
+    sha256 = file_sha256(source.weights)
+    provenance = Provenance.of_checkpoint(source.weights, state, given=given, sha256=sha256)
+    return model, config, provenance
 
 
 def _check_request(
@@ -157,10 +197,10 @@ def _check_request(
     if format == "onnx" and opset < OPSET:
         raise MedsegError(f"--opset {opset} is too old; use {OPSET} or newer")
     if format == "safetensors":
-        require("safetensors.torch", **SAFETENSORS)
+        require("safetensors.torch", **SAFETENSORS_PACKAGE)
         return
     for module in ("onnx", "onnxruntime", *(["onnxruntime.quantization"] if quantize else [])):
-        require(module, install=ONNX["install"], purpose="exporting to ONNX")
+        require(module, extra=ONNX_PACKAGE["extra"], purpose="exporting to ONNX")
 
 
 def _calibration_images(calibration: str | os.PathLike) -> list[Path]:
@@ -182,7 +222,7 @@ def _calibration_images(calibration: str | os.PathLike) -> list[Path]:
 
 def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int) -> float:
     """Export ``model`` to ``path`` and check it against PyTorch (see `_verify`)."""
-    onnx = require("onnx", **ONNX)
+    onnx = require("onnx", **ONNX_PACKAGE)
     size, channels = _traced_size(config), config.data.channels
     model = model.eval().float()
     example = torch.zeros(1, channels, size, size)
@@ -247,22 +287,11 @@ def _verify(model: DeepLabV3Plus, path: Path, *, channels: int, size: int) -> fl
     return found
 
 
-def _quantize_int8(
-    model: DeepLabV3Plus,
-    config: Config,
-    folder: Path,
-    images: list[Path],
-    *,
-    source: str | os.PathLike,
-) -> dict[str, Any]:
-    """Quantize folder/model-fp32.onnx into folder/model.onnx; describe how.
-
-    Static quantization in QDQ format (what onnxruntime's CPU kernels fuse), weights per
-    output channel as int8, activations as uint8 with ranges from the calibration images
-    (min-max), each preprocessed by the Predictor as prediction will.
-    """
-    quantization = require("onnxruntime.quantization", **ONNX)
-    # Preprocessed as `Predictor.probabilities` does; the Predictor runs nothing here.
+def _calibration_batches(
+    model: DeepLabV3Plus, config: Config, images: list[Path], *, source
+) -> tuple[list[np.ndarray], list[str]]:
+    """The calibration images preprocessed as `Predictor.probabilities` does (the Predictor
+    runs nothing here), and the reasons of those that could not be read."""
     predictor = Predictor(model, config, torch.device("cpu"), Precision("fp32", None), tta="none")
     batches, unreadable = [], []
     for path in images:
@@ -277,6 +306,25 @@ def _quantize_int8(
             f"none of the {len(images)} calibration images in {source} could be read "
             f"(first: {unreadable[0]}); pass a folder of readable images"
         )
+    return batches, unreadable
+
+
+def _quantize_int8(
+    model: DeepLabV3Plus,
+    config: Config,
+    folder: Path,
+    images: list[Path],
+    *,
+    source: str | os.PathLike,
+) -> dict[str, Any]:
+    """Quantize folder/model-fp32.onnx into folder/model.onnx; describe how.
+
+    Static quantization in QDQ format (what onnxruntime's CPU kernels fuse), weights per
+    output channel as int8, activations as uint8 with ranges from the calibration images
+    (min-max), each preprocessed by the Predictor as prediction will.
+    """
+    quantization = require("onnxruntime.quantization", **ONNX_PACKAGE)
+    batches, unreadable = _calibration_batches(model, config, images, source=source)
 
     class Images(quantization.CalibrationDataReader):
         def __init__(self):
@@ -341,7 +389,7 @@ def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "medseg_version": medseg_version(),
+        "medseg_version": __version__,
         "source_checkpoint_sha256": provenance.sha256,
         "opset": opset,
         "input": {

@@ -10,7 +10,6 @@ state, so it is safe from threads and needs no display.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import unicodedata
@@ -25,8 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
 
-from medseg.errors import MedsegError
-from medseg.files import atomic_path
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path
 from medseg.metrics import binarize
 
 # Green and magenta stay distinct for the common forms of colour blindness.
@@ -274,15 +273,6 @@ def _save_label_map_figure(path, rgb, ground_truth, prediction, title, labels) -
     if title:
         figure.suptitle(title)
     return _save(figure, path)
-
-
-def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Read a run's metrics.csv into one dict per row (values are the strings in the file)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    except OSError as error:
-        raise MedsegError(f"cannot read metrics file {path}: {error.strerror or error}") from error
 
 
 def plot_training_curves(rows: Iterable[Mapping[str, object]], path: str | os.PathLike) -> Path:

@@ -1,0 +1,62 @@
+"""Every user-facing setting with a fixed list of values, in one torch-free place.
+
+The command line offers these in ``--help`` and `medseg.config.validate` checks them, both
+without importing PyTorch. The floors that act on a name import it from here when they sit above
+the config (data, engine, prediction, commands); the model and the losses sit below it and keep
+their own registries keyed by these names, which the tests hold equal.
+"""
+
+# Network (medseg.model): torchvision ResNets, the seed's or the paper's layout, and the
+# decoder's stride (4 is the paper's; 2 joins the stem's features for thin structures).
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+VARIANTS = ("seed", "paper")
+OUTPUT_STRIDES = (8, 16)
+DECODER_STRIDES = (4, 2)
+
+# Losses (medseg.losses); those defined for K > 1 classes too.
+LOSSES = ("dice_bce", "dice", "iou", "focal", "dice_focal")
+MULTI_CLASS_LOSSES = ("dice_bce", "dice", "iou")
+PER_IMAGE_LOSSES = ("dice_bce", "dice", "dice_focal")  # those that can average Dice per image
+
+# Training pipelines (medseg.data.transforms): "default" (dermoscopy), "anatomy" (no flips:
+# sided anatomy, gray or colour), "seed" (the specification's), "none".
+AUGMENTATIONS = ("default", "anatomy", "seed", "none")
+# Pipelines whose flips make the network see both orientations, so flip TTA is meaningful.
+FLIPPING_AUGMENTATIONS = ("default", "seed")
+DATA_MODES = ("resize", "patch")
+AUGMENT_ON = ("loader", "device")
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "poly")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICE_FORMS = "auto, cpu, mps, cuda or cuda:N (N: a GPU's index, e.g. cuda:0)"
+
+# Prediction (medseg.prediction): test-time augmentation. "auto" is resolved per checkpoint:
+# the flips only where the network was trained on flipped images; a network that never saw a
+# flipped chest would read a flipped one with its lungs swapped.
+TTA_MODES = ("auto", "none", "flip", "d4")
+DEFAULT_TTA = "auto"
+
+# Export (medseg.commands.export).
+EXPORT_FORMATS = ("safetensors", "onnx")
+QUANTIZATIONS = ("int8",)
+# ONNX opset 17: torch's exporter writes it since torch 1.13, and every onnxruntime the
+# extra allows (1.17 on) runs it; newer opsets add nothing this network uses.
+OPSET = 17
+
+
+def setting_choices() -> dict[tuple[str, str], tuple]:
+    """(section, key) -> the values that setting may take."""
+    return {
+        ("data", "mode"): ("auto", *DATA_MODES),
+        ("data", "augment"): ("auto", *AUGMENTATIONS),
+        ("data", "augment_on"): ("auto", *AUGMENT_ON),
+        ("model", "backbone"): BACKBONES,
+        ("model", "variant"): VARIANTS,
+        ("model", "output_stride"): OUTPUT_STRIDES,
+        ("model", "decoder_stride"): (0, *DECODER_STRIDES),
+        ("train", "optimizer"): OPTIMIZERS,
+        ("train", "schedule"): SCHEDULES,
+        ("train", "loss"): LOSSES,
+        ("train", "precision"): PRECISIONS,
+    }

@@ -1,0 +1,221 @@
+"""The files `medseg predict` writes for each image, and the output folder's bookkeeping.
+
+Outputs are named by the image's id (`image_id`), written atomically, the mask last (its
+presence means the image is done), so an interrupted folder resumes. A record of the model and
+settings (``.medseg-predict.json``) makes sure that a resumed run only keeps masks made the
+same way; other earlier results are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medseg.core.errors import MedsegError
+from medseg.core.files import atomic_path, remove_partial_files, write_text
+from medseg.data.dicom import dicom_id, is_dicom, list_dicom, require_pydicom
+from medseg.data.folder import list_images
+from medseg.data.io import read_image
+from medseg.drawing import overlay
+from medseg.formats.source import ModelSource
+from medseg.prediction.predictor import Predictor
+
+
+@dataclass
+class PredictionReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already present from an earlier run
+    failed: list[str] = field(default_factory=list)  # "file: reason"
+
+
+def image_id(image_path: Path) -> str:
+    """The id an image's outputs are named by: its file's stem, never its folders; for a DICOM
+    file its SOP Instance UID (`medseg.data.dicom.dicom_id`), as exports reuse file names."""
+    if is_dicom(image_path):
+        return dicom_id(Path(image_path))
+    return Path(image_path.name).stem
+
+
+def mask_name(image_path: Path) -> str:
+    """``<id>_segmentation.png``: the ISIC name, ``<id>`` being `image_id`."""
+    return f"{image_id(image_path)}_segmentation.png"
+
+
+def output_names(
+    image_path: Path, *, probabilities: bool, overlays: bool, multi_class: bool = False
+) -> list[str]:
+    """Every file predict writes for one image, the mask last (its presence means: done).
+
+    Probabilities are ``<stem>_probability.png`` (0..255) for binary, ``<stem>_probabilities.npz``
+    (every class) for a K-class model.
+    """
+    stem = image_id(image_path)
+    probability = f"{stem}_probabilities.npz" if multi_class else f"{stem}_probability.png"
+    extras = [probability] * probabilities + [f"{stem}_overlay.png"] * overlays
+    return [*extras, mask_name(image_path)]
+
+
+RECORD_NAME = ".medseg-predict.json"
+
+
+def collect_inputs(source: str | Path) -> list[Path]:
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        folder = source / "images" if (source / "images").is_dir() else source
+        images = list_images(folder)  # first: it names an unreadable folder
+        dicom = list_dicom(folder)
+        if dicom:
+            require_pydicom()  # once, before any work, rather than once per file
+        images = sorted([*images, *dicom])
+        if not images:
+            raise MedsegError(f"no images found in {folder}")
+        return images
+    raise MedsegError(f"input not found: {source}")
+
+
+def claim_output(
+    output: Path,
+    names: dict[Path, list[str]],
+    record: dict,
+    *,
+    overwrite: bool,
+    report: PredictionReport,
+) -> list[Path]:
+    """Make ``output`` this run's: refuse or replace earlier results, record the settings,
+    and return the inputs still to segment (those whose files are all there are skipped)."""
+    if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
+        for files in names.values():
+            for name in files:
+                (output / name).unlink(missing_ok=True)
+    else:
+        check_earlier_results(output, record, [output / files[-1] for files in names.values()])
+    remove_partial_files(output)  # left by a kill in the middle of a write
+    write_text(output / RECORD_NAME, json.dumps(record, indent=2))
+    pending = []
+    for path, files in names.items():
+        if all((output / name).exists() for name in files):
+            report.skipped.append(output / mask_name(path))
+        else:
+            pending.append(path)
+    return pending
+
+
+def write_outputs(
+    output: Path,
+    path: Path,
+    image: np.ndarray,
+    probability: np.ndarray,
+    predictor: Predictor,
+    files: list[str],
+) -> None:
+    """Every file of one image (`output_names`), the mask last: its presence means done."""
+    mask = predictor.to_mask(probability)
+    labels = predictor.labels if predictor.multi_class else None
+    stem = image_id(path)
+    if f"{stem}_probabilities.npz" in files:
+        save_npz(output / f"{stem}_probabilities.npz", probability, predictor.labels)
+    if f"{stem}_probability.png" in files:
+        save_png(output / f"{stem}_probability.png", np.round(probability * 255).astype(np.uint8))
+    if f"{stem}_overlay.png" in files:
+        save_png(output / f"{stem}_overlay.png", overlay(image, mask, labels))
+    # A label map is saved as its class indices; a binary mask as 0/255.
+    written = mask if predictor.multi_class else (mask * 255).astype(np.uint8)
+    save_png(output / mask_name(path), written)
+
+
+def check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
+    """Refuse to mix in masks made by another checkpoint or settings, or not by predict at all."""
+    earlier = [mask for mask in masks if mask.exists()]
+    record_path = output / RECORD_NAME
+    if record_path.is_file():
+        try:
+            previous = json.loads(record_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            previous = {}
+        changed = [key for key in record if previous.get(key) != record[key]]
+        if changed and earlier:
+            what = "another checkpoint" if "checkpoint_sha256" in changed else ", ".join(changed)
+            raise MedsegError(
+                f"{output} holds {len(earlier)} masks predicted with {what} (see {RECORD_NAME}); "
+                f"choose another --output, or pass --overwrite to replace them"
+            )
+    elif earlier:
+        raise MedsegError(
+            f"{output} already holds {len(earlier)} masks that medseg predict did not write "
+            f"(first: {earlier[0].name}); choose another --output, or pass --overwrite to "
+            f"replace them"
+        )
+
+
+def prediction_record(source: ModelSource, predictor: Predictor) -> dict:
+    """What makes an output folder's masks what they are: the model file's SHA-256, and the
+    settings as resolved ("auto" TTA as the mode that ran, the checkpoint's threshold unless one
+    was given). A resumed run keeps earlier masks only under the same record."""
+    return {
+        "checkpoint_sha256": file_sha256(source.weights),
+        "tta": predictor.tta,
+        "postprocess": predictor.postprocess,
+        "threshold": predictor.threshold,
+    }
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (checkpoints are hundreds of megabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def readable_batches(
+    paths: list[Path], batch_size: int, report: PredictionReport, *, channels: int = 3
+) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
+    batch_paths, batch_images = [], []
+    for path in paths:
+        try:
+            image = read_image(path, channels=channels)
+        except MedsegError as error:
+            report.failed.append(str(error))
+            continue
+        batch_paths.append(path)
+        batch_images.append(image)
+        if len(batch_paths) == batch_size:
+            yield batch_paths, batch_images
+            batch_paths, batch_images = [], []
+    if batch_paths:
+        yield batch_paths, batch_images
+
+
+def check_unique_names(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = mask_name(path)
+        if name in seen:
+            raise MedsegError(
+                f"{seen[name].name} and {path.name} would both be written as {name}; rename one"
+            )
+        seen[name] = path
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+
+
+def save_npz(path: Path, probabilities: np.ndarray, labels: list[str]) -> None:
+    """(K, H, W) class probabilities as float16 (half the size, within 0.00025 of float32),
+    with the class names, in a compressed ``.npz``."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        # A file handle, not a name: np.savez would add ".npz" to the temporary name.
+        np.savez_compressed(
+            handle, probabilities=probabilities.astype(np.float16), labels=np.array(labels)
+        )

@@ -1,0 +1,265 @@
+"""The Predictor: a trained model of any kind segmenting images at their own resolution.
+
+``Predictor`` turns uint8 images of any size into probability maps of the same size: resize to
+the network's size, normalise, run (optionally averaging flipped and rotated views), and resize
+the probabilities back. A binary model gives one foreground probability per pixel, cut at a
+threshold; a K-class model gives K probabilities per pixel, and the mask is their arg-max (a
+label map of class indices). The network is a PyTorch module, or an exported model's
+onnxruntime session behind the same call (batch in, logits out: `medseg.formats.onnx`),
+so everything around it is the same code for both. What a ``--checkpoint`` names is decided
+by `medseg.formats.source.resolve_source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import Config
+from medseg.config.choices import DEFAULT_TTA, FLIPPING_AUGMENTATIONS, TTA_MODES
+from medseg.core.errors import MedsegError
+from medseg.data.io import to_channels
+from medseg.data.plan import augmentation_for
+from medseg.data.transforms import eval_transform, resize_probabilities
+from medseg.engine.runtime import CompiledOrEager, Precision
+from medseg.engine.sliding_window import sliding_window, tile_for_image
+from medseg.formats.source import CHECKPOINT, resolve_source
+from medseg.metrics import binarize
+from medseg.prediction.loading import Network, load_model
+from medseg.prediction.postprocess import keep_largest_component, keep_largest_components
+
+
+def resolve_tta(mode: str, config: Config) -> str:
+    """The TTA mode to run: ``mode`` itself, or for "auto" "flip" when the checkpoint's training
+    pipeline (``config.data.augment``) flips images, else "none"."""
+    if mode == "auto":
+        augment = config.data.augment
+        if augment == "auto":  # a config never planned (built by hand): what training plans
+            augment = augmentation_for(config.data.labels)
+        return "flip" if augment in FLIPPING_AUGMENTATIONS else "none"
+    tta_views(mode)  # validate
+    return mode
+
+
+def tta_views(mode: str) -> list[tuple[int, bool]]:
+    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries.
+
+    ``mode`` is a resolved mode (see `resolve_tta`), not "auto".
+    """
+    if mode == "none":
+        return [(0, False)]
+    if mode == "flip":
+        return [(0, False), (0, True), (2, False), (2, True)]  # id, h-flip, 180° (=h+v), v-flip
+    if mode == "d4":
+        return [(turns, flip) for turns in range(4) for flip in (False, True)]
+    raise MedsegError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+
+
+def check_threshold(threshold: float | None) -> None:
+    """Refuse a foreground threshold outside (0, 1); None (the checkpoint's own) passes."""
+    if threshold is None:
+        return
+    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        raise MedsegError(
+            f"threshold {threshold!r} is not a probability strictly between 0 and 1; "
+            f"pass e.g. --threshold 0.5, or leave it out to use the checkpoint's"
+        )
+
+
+@dataclass
+class Predictor:
+    """A trained model ready to segment uint8 images of any size, colour or gray.
+
+    A binary model (``config.model.num_classes`` 1) gives foreground probabilities, cut at
+    ``threshold``; None takes the checkpoint's own (``config.train.threshold``). A K-class model
+    gives K class probabilities and arg-max label maps; it has no threshold. ``tta`` "auto"
+    becomes the checkpoint's mode (`resolve_tta`); ``self.tta`` holds the mode that runs.
+    ``model`` is a PyTorch module, or any other `Network` (an ONNX session: run as given, on
+    the CPU, never compiled).
+    """
+
+    model: torch.nn.Module | Network
+    config: Config
+    device: torch.device
+    precision: Precision
+    tta: str = DEFAULT_TTA
+    postprocess: bool = False
+    compile: bool = False
+    threshold: float | None = None
+    tile_batch: int = 8  # tiles per network call for a patch-trained model (bounds its memory)
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
+        if self.multi_class and self.threshold is not None:
+            raise MedsegError(
+                f"threshold {self.threshold!r} applies to binary masks only; this checkpoint "
+                f"predicts {self.config.model.num_classes} classes by arg-max, so leave "
+                f"--threshold out"
+            )
+        if self.threshold is None and not self.multi_class:
+            self.threshold = self.config.train.threshold
+        self.tta = resolve_tta(self.tta, self.config)
+        # A patch-trained model sees each image at its own size, tile by tile.
+        size = None if self.patches else self.config.data.image_size
+        self.transform = eval_transform(size, channels=self.config.data.channels)
+        if not isinstance(self.model, torch.nn.Module):
+            if self.compile:
+                raise MedsegError(
+                    "--compile applies to PyTorch models; an ONNX model runs as exported "
+                    "through onnxruntime, so leave --compile out"
+                )
+            self.memory_format = torch.contiguous_format  # what onnxruntime reads
+            self.network = self.model
+            return
+        self.memory_format = torch.channels_last
+        self.model.eval().to(self.device, memory_format=torch.channels_last)
+        # Freezing lets the compiler treat the weights as constants: BatchNorm folds into the
+        # convolutions and the weights are laid out once for the CPU's matrix kernels. It
+        # costs a compilation per new batch shape, so it pays off on large folders.
+        self.network = (
+            CompiledOrEager(self.model, options={"freezing": True}) if self.compile else self.model
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        tta: str = DEFAULT_TTA,
+        postprocess: bool = False,
+        compile: bool = False,
+        threshold: float | None = None,
+    ) -> Predictor:
+        """Load ``path``; ``threshold`` None: the checkpoint's.
+
+        ``path`` is anything `medseg.formats.source.resolve_source` accepts: a .pt file or a
+        run folder, a safetensors export (config.json and model.safetensors), or an ONNX export
+        (its folder, or its .onnx file with medseg.json beside it), which runs through
+        onnxruntime on the CPU in float32.
+        """
+        check_threshold(threshold)  # before the seconds spent loading
+        loaded = load_model(path, device=device, precision=precision)
+        return cls(
+            loaded.network, loaded.config, loaded.device, loaded.precision, tta=tta,
+            postprocess=postprocess, compile=compile, threshold=threshold,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options) -> Predictor:
+        """A Predictor for an exported folder (safetensors or ONNX); ``options`` as for
+        `from_checkpoint`."""
+        if resolve_source(path).kind == CHECKPOINT:
+            raise MedsegError(
+                f"{path} is not an exported medseg model (config.json and model.safetensors, or "
+                f"model.onnx and medseg.json); export one with medseg export, or load a .pt "
+                f"file or run folder with Predictor.from_checkpoint"
+            )
+        return cls.from_checkpoint(path, **options)
+
+    @property
+    def multi_class(self) -> bool:
+        """True for a K-class model (softmax, label maps), False for a binary one (sigmoid)."""
+        return self.config.model.num_classes > 1
+
+    @property
+    def patches(self) -> bool:
+        """True for a model trained on patches (``data.mode=patch``): it predicts whole images
+        at their own size by `medseg.engine.sliding_window`, with TTA on each tile."""
+        return self.config.data.mode == "patch"
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names by label value (``config.data.labels``); empty for binary masks."""
+        return list(self.config.data.labels)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """What the network is fed: float32 (N, C, S, S), resized to the checkpoint's size S
+        and normalised, on the CPU (a patch-trained model's: at the images' own size, which must
+        then be one). ``images`` as for `probabilities`."""
+        channels = self.config.data.channels
+        return torch.stack(
+            [self.transform(image=to_channels(image, channels))["image"] for image in images]
+        )
+
+    @torch.no_grad()
+    def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities at each image's own size: float32 (H, W) of the foreground for a binary
+        model; float32 (K, H, W) of each class for a K-class model, summing to 1 per pixel.
+
+        ``images`` are uint8 (H, W, 3) or (H, W[, 1]) gray (`to_channels`). Each TTA view's
+        softmax (or sigmoid) is turned back and averaged before the resize to the image's size.
+        A patch-trained model predicts each image whole, by sliding window, with no resize.
+        """
+        if self.patches:
+            return [self._whole_image(image) for image in images]
+        batch = self.preprocess(images).to(self.device, memory_format=self.memory_format)
+        maps = self._scores(batch).cpu().numpy()  # (N, outputs, h, w)
+        maps = maps if self.multi_class else maps[:, 0]
+        return [
+            resize_probabilities(probability, image.shape[:2])
+            for probability, image in zip(maps, images, strict=True)
+        ]
+
+    def _scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, outputs, h, w) probabilities of a network-ready batch, averaged over TTA views."""
+        views = tta_views(self.tta)
+        total = None
+        for turns, flip in views:
+            view = _orient(batch, turns, flip)
+            with self.precision.autocast(self.device):
+                logits = self.network(view)
+            scores = (
+                logits.float().softmax(1) if self.multi_class else torch.sigmoid(logits.float())
+            )
+            scores = _unorient(scores, turns, flip)
+            total = scores if total is None else total + scores
+        return total / len(views)
+
+    def _whole_image(self, image: np.ndarray) -> np.ndarray:
+        """`probabilities` of one image by sliding window over it at its own size."""
+        batch = self.preprocess([image]).to(self.device)
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            return self._scores(tiles.contiguous(memory_format=self.memory_format))
+
+        tile = tile_for_image(self.config.data.image_size, *image.shape[:2])
+        maps = sliding_window(run, batch, tile=tile, tile_batch=self.tile_batch)[0]
+        maps = maps.cpu().numpy()
+        return maps if self.multi_class else maps[0]
+
+    def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Masks at each image's size: bool (H, W) for binary, uint8 (H, W) label maps for K
+        classes (see `to_mask`)."""
+        return [self.to_mask(probability) for probability in self.probabilities(images)]
+
+    def to_mask(self, probability: np.ndarray) -> np.ndarray:
+        """One output of `probabilities` as a mask: `binarize` or `label_map`."""
+        return self.label_map(probability) if self.multi_class else self.binarize(probability)
+
+    def binarize(self, probability: np.ndarray) -> np.ndarray:
+        """A bool (H, W) mask: foreground above the threshold; its largest region if postprocess."""
+        mask = binarize(probability, self.threshold)
+        return keep_largest_component(mask) if self.postprocess else mask
+
+    def label_map(self, probabilities: np.ndarray) -> np.ndarray:
+        """A uint8 (H, W) label map: the arg-max of (K, H, W) probabilities, taken at the image's
+        own size (never a resized label map); with postprocess, each class's largest region."""
+        labels = probabilities.argmax(0).astype(np.uint8)
+        return keep_largest_components(labels) if self.postprocess else labels
+
+
+def _orient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    if flip:
+        batch = batch.flip(-1)
+    return torch.rot90(batch, turns, dims=(-2, -1)) if turns else batch
+
+
+def _unorient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    if turns:
+        batch = torch.rot90(batch, -turns, dims=(-2, -1))
+    return batch.flip(-1) if flip else batch
