@@ -2,7 +2,9 @@
 
 Images become uint8 RGB (H, W, 3) whatever their mode: grayscale, palette, RGBA (composited
 on white, as a viewer shows it), 16-bit (windowed per image to 8 bits); or uint8 gray
-(H, W, 1) for a grayscale data set. Masks become bool (H, W).
+(H, W, 1) for a grayscale data set. Masks become bool (H, W). Images and masks alike are
+turned as their EXIF orientation says, so they are read the way up and at the size a viewer
+shows them.
 
 How a mask is read: a pixel is foreground when its value is above half the largest value its
 bit depth allows (above 127 for 8-bit masks), so the soft edges that resizing leaves are cut in
@@ -17,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medseg.core.errors import MedsegError
 from medseg.data.dicom import is_dicom, read_dicom
@@ -29,6 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".npy")
 # is decoded. Checked here rather than through PIL's global MAX_IMAGE_PIXELS, which belongs to
 # whatever program imports medseg.
 MAX_PIXELS = 120_000_000
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 as stored, 2..8 flipped and/or turned
 
 
 def read_image(path: str | Path, *, channels: int = 3) -> np.ndarray:
@@ -152,6 +155,7 @@ def _open(path: str | Path) -> Image.Image:
             image.close()
             raise Image.DecompressionBombError(f"{image.width}×{image.height} pixels")
         image.load()  # decode now, so a truncated file fails here, with its name
+        _orient(image)
     except Image.DecompressionBombError as error:
         raise MedsegError(
             f"{path} is too large to decode safely ({error}); downscale it first (limit "
@@ -169,6 +173,18 @@ def _open(path: str | Path) -> Image.Image:
             f"{path} is corrupt or truncated ({error}); replace it or remove it"
         ) from error
     return image
+
+
+def _orient(image: Image.Image) -> None:
+    """Turn ``image`` in place as its EXIF orientation says a viewer shows it (a phone's JPEG
+    is often stored sideways with orientation 6), so images and masks are read at the size and
+    the way up that the user sees. An EXIF block that cannot be parsed counts as none."""
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # PIL's EXIF parser raises many types for a bad block
+        return
+    if orientation in range(2, 9):
+        ImageOps.exif_transpose(image, in_place=True)
 
 
 def _read_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
@@ -195,4 +211,5 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"))
+    # An RGB image is read as it is: convert() would copy it first (a 9000² photograph: 243 MB).
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))

@@ -62,23 +62,41 @@ def output_names(
 
 
 RECORD_NAME = ".medseg-predict.json"
+# How every name `output_names` gives ends (a test holds the two together).
+OUTPUT_SUFFIXES = ("_segmentation.png", "_probability.png", "_probabilities.npz", "_overlay.png")
 
 
 def collect_inputs(source: str | Path) -> list[Path]:
+    """The images to segment: ``source`` itself if a file, else the images and DICOM files in
+    the folder (in its images/ subfolder where it has one), sorted.
+
+    A folder that predict has written into (it holds ``.medseg-predict.json``: ``--out`` was
+    ``--input``) also holds predict's own outputs, named ``<id>_segmentation.png`` and so on
+    (`OUTPUT_SUFFIXES`): those are never inputs, so a second run does not segment its own
+    masks. Elsewhere a file named so is an image like any other.
+    """
     source = Path(source)
     if source.is_file():
         return [source]
-    if source.is_dir():
-        folder = source / "images" if (source / "images").is_dir() else source
-        images = list_images(folder)  # first: it names an unreadable folder
-        dicom = list_dicom(folder)
-        if dicom:
-            require_pydicom()  # once, before any work, rather than once per file
-        images = sorted([*images, *dicom])
-        if not images:
-            raise MedsegError(f"no images found in {folder}")
-        return images
-    raise MedsegError(f"input not found: {source}")
+    if not source.is_dir():
+        raise MedsegError(f"input not found: {source}")
+    folder = source / "images" if (source / "images").is_dir() else source
+    images = list_images(folder)  # first: it names an unreadable folder
+    dicom = list_dicom(folder)
+    if dicom:
+        require_pydicom()  # once, before any work, rather than once per file
+    images = sorted([*images, *dicom])
+    if (folder / RECORD_NAME).is_file():
+        outputs = [path for path in images if path.name.endswith(OUTPUT_SUFFIXES)]
+        images = [path for path in images if not path.name.endswith(OUTPUT_SUFFIXES)]
+        if outputs and not images:
+            raise MedsegError(
+                f"{folder} holds only medseg predict's own outputs ({len(outputs)} files such "
+                f"as {outputs[0].name}, see {RECORD_NAME}); pass the folder of the images"
+            )
+    if not images:
+        raise MedsegError(f"no images found in {folder}")
+    return images
 
 
 def claim_output(
