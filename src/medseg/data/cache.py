@@ -41,7 +41,7 @@ from medseg.data.folder import Sample, check_pair, find_pairs
 from medseg.data.io import read_image, read_target
 from medseg.data.transforms import resize_image, resize_target
 
-CACHE_VERSION = 4  # 3: channels and label maps; 4: images at their own size
+CACHE_VERSION = 5  # 3: channels and label maps; 4: images at their own size; 5: EXIF turned
 
 
 class Rows:
