@@ -395,6 +395,8 @@ def _run_evaluate(args) -> int:
         batch_size=args.batch_size, overwrite=args.overwrite, device=args.device, precision=args.precision, progress=not args.quiet,
         report=args.report, compile=args.compile, threshold=args.threshold, roi=args.roi,
     )  # fmt: skip
+    if not _main_process():  # under torchrun every rank returns the summary; one prints it
+        return 0
     # --data may be a root whose test/ was chosen: say which folder the numbers describe.
     print(f"scored {summary['data']} ({summary['images']} pairs)")
     print(format_summary(summary))
@@ -459,6 +461,8 @@ def _run_predict(args) -> int:
         overlays=args.overlay, overwrite=args.overwrite, device=args.device, precision=args.precision, progress=not args.quiet,
         compile=args.compile, threshold=args.threshold,
     )  # fmt: skip
+    if not _main_process():  # under torchrun every rank returns the whole report; one prints it
+        return 1 if report.failed else 0
     print(
         f"{len(report.written)} masks written to {args.out}"
         + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
@@ -497,6 +501,11 @@ def _run_visualize(args) -> int:
     )  # fmt: skip
     print(f"{len(paths)} figures written to {args.out}")
     return 0
+
+
+def _main_process() -> bool:
+    """Whether this process prints: always, except on the ranks above 0 under torchrun."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def _default_out(checkpoint: str, name: str) -> Path:

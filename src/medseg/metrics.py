@@ -555,12 +555,37 @@ class PixelAUC:
         while self._kept > self.max_pixels:
             self._halve()
 
+    def merge(self, other: PixelAUC) -> PixelAUC:
+        """Append the pixels ``other`` kept (another process's share of the images); returns self.
+
+        Pixels kept at a higher rate than the other side's are thinned to the lower one first,
+        so every pixel of the joined data keeps the same chance to count. Neither side
+        subsampled (both under the cap): the pixels are joined as they are.
+        """
+        if other.rate < self.rate:
+            self._thin(other.rate / self.rate)
+        keep = self.rate / other.rate  # 1 unless ``other`` kept more densely
+        for scores, truth in zip(other._scores, other._truth, strict=True):
+            kept = self._rng.random(len(truth)) < keep if keep < 1.0 else slice(None)
+            self._scores.append(scores[kept])
+            self._truth.append(truth[kept])
+        self._kept = sum(len(truth) for truth in self._truth)
+        while self._kept > self.max_pixels:
+            self._halve()
+        return self
+
     def _halve(self) -> None:
-        keep = [self._rng.random(len(truth)) < 0.5 for truth in self._truth]
+        self._thin(0.5)
+
+    def _thin(self, chance: float) -> None:
+        """Keep each pixel kept so far with probability ``chance``; the rate falls with it."""
+        if chance >= 1.0:
+            return
+        keep = [self._rng.random(len(truth)) < chance for truth in self._truth]
         self._scores = [scores[k] for scores, k in zip(self._scores, keep, strict=True)]
         self._truth = [truth[k] for truth, k in zip(self._truth, keep, strict=True)]
         self._kept = sum(len(truth) for truth in self._truth)
-        self.rate /= 2
+        self.rate *= chance
 
     @property
     def pixels(self) -> int:

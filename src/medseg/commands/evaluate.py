@@ -20,23 +20,26 @@ probabilities over every scored pixel (`medseg.metrics.PixelAUC`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.commands.report import class_rows, pick_cases, write_report
 from medseg.config.choices import DEFAULT_TTA
 from medseg.core.errors import MedsegError
 from medseg.core.files import check_writable, refuse_existing, write_csv, write_text
+from medseg.core.progress import progress_bar
 from medseg.data.dataset import find_dataset_json, read_dataset_info
-from medseg.data.folder import Sample, check_pair, find_pairs, resolve_split_folder
+from medseg.data.folder import SPLIT_NAMES, Sample, check_pair, find_pairs, resolve_split_folder
 from medseg.data.io import IMAGE_EXTENSIONS, read_image, read_mask, read_target
+from medseg.engine.runtime import releases_process_group
 from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, PixelAUC, foreground_classes
 from medseg.prediction.predictor import Predictor
+from medseg.prediction.shards import Shards
 
 __all__ = [
     "PER_CLASS_TABLE",
@@ -45,6 +48,7 @@ __all__ = [
     "evaluate_folder",
     "format_summary",
     "score_pair",
+    "scored_name",
 ]
 
 # (label, summary key): the rows of the table `medseg evaluate` prints and the report shows.
@@ -75,6 +79,7 @@ PER_CLASS_TABLE = (
 )
 
 
+@releases_process_group
 def evaluate_folder(
     checkpoint: str | Path,
     data: str | Path,
@@ -106,13 +111,12 @@ def evaluate_folder(
     the scored folder's ``fov/`` when it has one. The summary's ``roi`` is the folder used (None
     without), and a binary checkpoint's ``auc`` the pixel AUC (left out when the scored pixels'
     truth holds one class only, where it is undefined).
+
+    Under torchrun each rank scores its share of the pairs (`Shards`); rank 0 joins the scores
+    in the pairs' order, writes the results, and every rank returns the summary.
     """
     out = Path(out)
-    earlier = [out / name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
-    refuse_existing(
-        earlier, what="an evaluation", overwrite=overwrite,
-        advice="choose another --out or pass --overwrite",
-    )  # fmt: skip
+    _refuse_earlier(out, overwrite=overwrite)
     check_writable(out)
     folder = resolve_split_folder(data, preferred="test")
     predictor = Predictor.from_checkpoint(
@@ -124,10 +128,31 @@ def evaluate_folder(
     roi_folder = _roi_folder(folder, roi)
     rois = _roi_files(pairs, roi_folder) if roi_folder is not None else None
     reading = {"channels": predictor.config.data.channels, "labels": labels_read}
-    metrics, auc = _score_pairs(
-        predictor, pairs, rois, batch_size=batch_size, progress=progress, **reading
-    )
+    shards = Shards.join()
+    scores = _score_pairs(
+        predictor, shards.share(pairs), None if rois is None else shards.share(rois),
+        batch_size=batch_size, progress=progress and shards.is_main, **reading,
+    )  # fmt: skip
+    parts = shards.gather(scores)  # every rank takes part; rank 0 receives
     where = {"checkpoint": str(checkpoint), "data": str(folder), "roi": roi_folder}
+    return shards.main_first(
+        lambda: _write_results(
+            parts, predictor, where, out=out, report=report, pairs=pairs, reading=reading
+        )
+    )
+
+
+def _write_results(
+    parts: list[tuple[MetricAccumulator, PixelAUC | None]], predictor: Predictor, where: dict,
+    *, out: Path, report: str | Path | None, pairs: list[Sample], reading: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Join each rank's scores, in rank order (the order of the pairs), and write per_image.csv,
+    summary.json and the report; returns the summary."""
+    (metrics, auc), *others = parts
+    for other_metrics, other_auc in others:
+        metrics.merge(other_metrics)
+        if auc is not None:
+            auc.merge(other_auc)
     summary = _summary(metrics, auc, predictor, **where)
     rows = metrics.rows()
     write_csv(out / "per_image.csv", rows, metrics.columns())
@@ -135,6 +160,27 @@ def evaluate_folder(
     if report is not None:
         _write_report(Path(report) / "index.html", summary, rows, pairs, predictor, **reading)
     return summary
+
+
+def _refuse_earlier(out: Path, *, overwrite: bool) -> None:
+    earlier = [out / name for name in ("summary.json", "per_image.csv") if (out / name).exists()]
+    refuse_existing(
+        earlier, what="an evaluation", overwrite=overwrite,
+        advice="choose another --out or pass --overwrite",
+    )  # fmt: skip
+
+
+def scored_name(data: str | Path) -> str:
+    """What an evaluation of ``data`` scores, as a name for its default folder: the split
+    folder `evaluate_folder` scores with its root's name ("jsrt-test" for jsrt/ or jsrt/test);
+    any other folder (an nnU-Net root), its own name."""
+    path = Path(data)
+    with contextlib.suppress(MedsegError):  # not a folder of pairs: evaluate says why
+        path = resolve_split_folder(path, preferred="test")
+    path = path.absolute()
+    if path.name in SPLIT_NAMES and path.parent.name:
+        return f"{path.parent.name}-{path.name}"
+    return path.name or "data"
 
 
 def _summary(
@@ -234,7 +280,9 @@ def _score_pairs(
     classes = foreground_classes(predictor.config.data.labels)
     metrics = MetricAccumulator(classes=classes, surface=True)
     auc = None if predictor.multi_class else PixelAUC()
-    for start in tqdm(range(0, len(pairs), batch_size), desc="evaluating", disable=not progress):
+    # A bar on a terminal, a line now and then in a log (`progress_bar`), as predict shows.
+    batches = range(0, len(pairs), batch_size)
+    for start in progress_bar(batches, desc="evaluating", enabled=progress):
         chunk = pairs[start : start + batch_size]
         images, masks = _read_pairs(chunk, channels=channels, labels=labels)
         probabilities = predictor.probabilities(images)

@@ -7,6 +7,7 @@ from pathlib import Path
 from medseg.config.choices import DEFAULT_TTA
 from medseg.core.files import check_writable
 from medseg.core.progress import progress_bar
+from medseg.engine.runtime import releases_process_group
 from medseg.formats.source import resolve_source
 from medseg.prediction.outputs import (
     PredictionReport,
@@ -20,8 +21,10 @@ from medseg.prediction.outputs import (
     write_outputs,
 )
 from medseg.prediction.predictor import Predictor, check_threshold
+from medseg.prediction.shards import Shards
 
 
+@releases_process_group
 def predict(
     checkpoint: str | Path,
     source: str | Path,
@@ -49,6 +52,9 @@ def predict(
     resumes where it stopped. Unreadable images are listed in the report; the others are written.
     ``threshold`` cuts the foreground probability (None: the checkpoint's; binary models only).
     ``tta`` "auto" is resolved per checkpoint (`resolve_tta`); the record holds the mode run.
+
+    Under torchrun each rank segments its share of the images still to do (`Shards`); rank 0
+    alone claims ``output`` first, and every rank returns the report of the whole job.
     """
     check_threshold(threshold)
     output = Path(output)
@@ -69,10 +75,31 @@ def predict(
     names = {
         path: output_names(path, multi_class=predictor.multi_class, **extras) for path in inputs
     }
+    shards = Shards.join()
+    pending, skipped = shards.main_first(lambda: _claim(output, names, record, overwrite))
+    report = PredictionReport()
+    _segment(
+        predictor, shards.share(pending), output, names, report,
+        batch_size=batch_size, progress=progress and shards.is_main,
+    )  # fmt: skip
+    reports = shards.gather(report)  # every rank takes part; rank 0 receives
+    return shards.main_first(lambda: _joined(reports, skipped))
+
+
+def _claim(output, names, record, overwrite) -> tuple[list[Path], list[Path]]:
+    """`claim_output`: the images still to segment, and the masks already there."""
     report = PredictionReport()
     pending = claim_output(output, names, record, overwrite=overwrite, report=report)
-    _segment(predictor, pending, output, names, report, batch_size=batch_size, progress=progress)
-    return report
+    return pending, report.skipped
+
+
+def _joined(reports: list[PredictionReport], skipped: list[Path]) -> PredictionReport:
+    """The report of the whole job from each rank's, in rank order (the order of the inputs)."""
+    return PredictionReport(
+        written=[path for report in reports for path in report.written],
+        skipped=skipped,
+        failed=[failure for report in reports for failure in report.failed],
+    )
 
 
 def _segment(predictor, pending, output, names, report, *, batch_size, progress) -> None:
