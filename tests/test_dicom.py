@@ -139,7 +139,7 @@ def test_dicom_without_pixel_data_is_one_line(tmp_path, tiny_checkpoint, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         err[0]
-        == f"medseg: could not segment: {path} holds no pixel data (a DICOM report or structure set?); remove it from the input folder"
+        == f"medseg: could not segment: {path} holds no pixel data (a DICOM report, structure set or directory?); remove it from the input folder"
     )  # noqa: E501
     assert len(err) == 2 and "1 images failed" in err[1]
     assert (tmp_path / "out" / "1.2.3.8_segmentation.png").is_file()

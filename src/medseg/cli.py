@@ -454,7 +454,7 @@ def _run_predict(args) -> int:
             f"{len(report.written)} label volumes written to {args.out}"
             + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
         )
-        return 0
+        return _listed_failures(report.failed, "volumes")
     report = predict(
         checkpoint=args.checkpoint, source=args.input, output=args.out, batch_size=args.batch_size,
         tta=args.tta, postprocess=args.postprocess, probabilities=args.probabilities,
@@ -467,15 +467,21 @@ def _run_predict(args) -> int:
         f"{len(report.written)} masks written to {args.out}"
         + (f", {len(report.skipped)} already there (kept)" if report.skipped else "")
     )
-    for failure in report.failed:
+    return _listed_failures(report.failed, "images")
+
+
+def _listed_failures(failed: list[str], what: str) -> int:
+    """Each input predict could not segment, one line each, then their count: status 1 (0 when
+    none failed)."""
+    for failure in failed:
         print(f"medseg: could not segment: {failure}", file=sys.stderr)
-    if report.failed:
-        print(
-            f"medseg: error: {len(report.failed)} images failed (listed above); the others were written",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    if not failed:
+        return 0
+    print(
+        f"medseg: error: {len(failed)} {what} failed (listed above); the others were written",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _add_visualize(commands) -> None:

@@ -11,10 +11,9 @@ from medseg.engine.runtime import releases_process_group
 from medseg.formats.source import resolve_source
 from medseg.prediction.outputs import (
     PredictionReport,
-    check_unique_names,
     claim_output,
     collect_inputs,
-    mask_name,
+    output_ids,
     output_names,
     prediction_record,
     readable_batches,
@@ -59,7 +58,7 @@ def predict(
     check_threshold(threshold)
     output = Path(output)
     inputs = collect_inputs(source)
-    check_unique_names(inputs)
+    ids = output_ids(inputs)  # unique names, whatever the files' stems and DICOM UIDs
     check_writable(output)
     predictor = Predictor.from_checkpoint(
         checkpoint,
@@ -73,7 +72,8 @@ def predict(
     record = prediction_record(resolve_source(checkpoint), predictor)
     extras = {"probabilities": probabilities, "overlays": overlays}
     names = {
-        path: output_names(path, multi_class=predictor.multi_class, **extras) for path in inputs
+        path: output_names(path, multi_class=predictor.multi_class, stem=ids[path], **extras)
+        for path in inputs
     }
     shards = Shards.join()
     pending, skipped = shards.main_first(lambda: _claim(output, names, record, overwrite))
@@ -111,6 +111,6 @@ def _segment(predictor, pending, output, names, report, *, batch_size, progress)
             paths, images, predictor.probabilities(images), strict=True
         ):
             write_outputs(output, path, image, probability, predictor, names[path])
-            report.written.append(output / mask_name(path))
+            report.written.append(output / names[path][-1])
         bar.update(len(paths))
     bar.close()

@@ -109,7 +109,9 @@ def predict_volumes(
     threshold: float | None = None,
 ) -> PredictionReport:
     """Segment NIfTI volumes into ``output/<case>.nii.gz``; earlier results are kept and
-    skipped, or refused when another checkpoint made them, as `medseg.prediction.predictor.predict` does."""
+    skipped, or refused when another checkpoint made them, as `medseg.commands.predict.predict`
+    does. A volume that cannot be read (truncated, 4D, 2D) is listed in the report's
+    ``failed`` with its reason, and the others are segmented."""
     output = Path(output)
     nibabel()  # before the seconds spent loading the checkpoint
     check_writable(output)
@@ -122,10 +124,19 @@ def predict_volumes(
     report = PredictionReport()
     first_files = {paths[0]: case for case, paths in cases.items()}
     names = {path: [f"{case}.nii.gz"] for path, case in first_files.items()}
-    pending = claim_output(output, names, record, overwrite=overwrite, report=report)
+    sources = {
+        f"{case}.nii.gz": [str(p.absolute()) for p in paths] for case, paths in cases.items()
+    }
+    pending = claim_output(
+        output, names, record, overwrite=overwrite, report=report, sources=sources
+    )
     for path in progress_bar(pending, desc="predicting volumes", enabled=progress):
         case = first_files[path]
-        volume, image = read_volume(cases[case], case)
+        try:
+            volume, image = read_volume(cases[case], case)
+        except MedsegError as error:  # listed; the other volumes are still segmented
+            report.failed.append(str(error))
+            continue
         labels = segment_volume(predictor, volume, batch_size=batch_size)
         write_label_volume(output / f"{case}.nii.gz", labels, image)
         report.written.append(output / f"{case}.nii.gz")

@@ -37,6 +37,7 @@ from medseg.core.optional import require
 from medseg.data.cache import cache_root, file_identity
 from medseg.data.dataset import read_dataset_info
 from medseg.data.io import read_image, read_label_map
+from medseg.data.reading import finite
 
 FORMAT_VERSION = 1  # part of the cache key: a new layout makes new roots
 SLICE_AXIS = 2  # axial for RAS-ordered NIfTI volumes: the last array axis
@@ -156,9 +157,16 @@ def nibabel():
 
 
 def read_nifti(path: Path, case: str):
-    """(data as float32 array, the image with its affine and header) of one NIfTI file."""
+    """(data as float32 array, the image with its affine and header) of one NIfTI file.
+
+    A 4D file with one volume along its 4th axis is that volume; any other shape than 3D is
+    refused in one line before its voxels are read.
+    """
     try:
         image = nibabel().load(path)
+        shape = tuple(int(size) for size in image.shape)
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+            raise MedsegError(_not_a_volume(path, case, shape))
         data = np.asarray(image.dataobj, dtype=np.float32)
     except MedsegError:
         raise
@@ -167,15 +175,28 @@ def read_nifti(path: Path, case: str):
             f"case {case}: {path} is not a readable NIfTI volume, perhaps truncated "
             f"({type(error).__name__}: {error}); replace it"
         ) from error
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise MedsegError(f"case {case}: {path} holds {data.shape}; a 3D volume is expected")
-    return data, image
+    return data.reshape(shape[:3]), image
+
+
+def _not_a_volume(path: Path, case: str, shape: tuple[int, ...]) -> str:
+    """Why a NIfTI file of ``shape`` is not one 3D volume, and what to do, in one line."""
+    if len(shape) == 4:
+        advice = (
+            f"split its {shape[3]} volumes along the 4th axis into one file per channel "
+            f"({case}_0000, {case}_0001, ...) or per time point"
+        )
+    elif len(shape) < 3:
+        advice = "one slice is an image: save it as a PNG, or pass 3D volumes"
+    else:
+        advice = "pass 3D volumes"
+    return f"case {case}: {path} holds a {len(shape)}D array {shape}, not one 3D volume; {advice}"
 
 
 def read_volume(paths: list[Path], case: str):
-    """A case's channels windowed to uint8 (X, Y, Z, C), and its first channel's image."""
+    """A case's channels windowed to uint8 (X, Y, Z, C), and its first channel's image.
+
+    NaN and infinite voxels are made finite (`medseg.data.reading.finite`, with a note saying
+    how many) before windowing."""
     channels, first = [], None
     for path in paths:
         data, image = read_nifti(path, case)
@@ -183,7 +204,7 @@ def read_volume(paths: list[Path], case: str):
             first = image
         else:
             check_same_grid(image, first, case, path, paths[0])
-        channels.append(window(data))
+        channels.append(window(finite(data, f"case {case}: {path}")))
     return np.stack(channels, axis=-1), first
 
 
@@ -222,6 +243,12 @@ def read_labels(path: Path, spec: Spec, case: str, image, image_path: Path) -> n
     """A case's label volume as uint8 (X, Y, Z), on its image's grid, with declared values."""
     data, labels = read_nifti(path, case)
     check_same_grid(labels, image, case, path, image_path)
+    if not np.isfinite(data).all():
+        raise MedsegError(
+            f"case {case}: {path} holds {int((~np.isfinite(data)).sum()):,} NaN or infinite "
+            f"voxels; a label volume holds the class values 0..{len(spec.labels) - 1} only: "
+            f"fix the labels"
+        )
     if np.any(data != np.round(data)) or data.min() < 0 or data.max() >= len(spec.labels):
         found = sorted(set(np.unique(data).tolist()) - set(range(len(spec.labels))))
         raise MedsegError(

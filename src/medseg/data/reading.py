@@ -1,11 +1,13 @@
 """What every reader of a user's file shares: the one-line reason a file cannot be read, the
-check that it is a regular file, and 16-bit gray windowed to 8 bits."""
+check that it is a regular file, 16-bit gray windowed to 8 bits, non-finite values made finite,
+and the one-line note about an odd file that was read anyway."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,31 @@ def window_16_bit(values: np.ndarray) -> np.ndarray:
     if high <= 255:
         return values.astype(np.uint8)
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def note(message: str) -> None:
+    """One line on stderr about what medseg did with an odd file and went on (a note, not an
+    error: the file is read)."""
+    print(f"medseg: note: {' '.join(message.split())}", file=sys.stderr)
+
+
+def finite(values: np.ndarray, where: str) -> np.ndarray:
+    """``values`` with every NaN or -Inf set to their lowest finite value and every +Inf to
+    their highest, said in one `note` naming ``where``; all non-finite: zeros.
+
+    A NaN would otherwise reach the 8-bit cast as an undefined value, and numpy would warn.
+    """
+    if values.dtype.kind != "f":
+        return values
+    good = np.isfinite(values)
+    if good.all():
+        return values
+    bad = values.size - int(good.sum())
+    low, high = (float(values[good].min()), float(values[good].max())) if good.any() else (0, 0)
+    fixed = np.where(np.isposinf(values), high, values)
+    fixed = np.where(np.isfinite(fixed), fixed, low)
+    note(
+        f"{where} holds {bad:,} NaN or infinite values of {values.size:,}; NaN and -Inf are read "
+        f"as its lowest finite value ({low:g}), +Inf as its highest ({high:g})"
+    )
+    return fixed

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from PIL import Image
 
 from medseg.core.errors import MedsegError
 from medseg.core.files import atomic_path, remove_partial_files, write_text
-from medseg.data.dicom import dicom_id, is_dicom, list_dicom, require_pydicom
+from medseg.data.dicom import dicom_uid, is_dicom, list_dicom, require_pydicom
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.drawing import overlay
@@ -35,11 +37,61 @@ class PredictionReport:
 
 
 def image_id(image_path: Path) -> str:
-    """The id an image's outputs are named by: its file's stem, never its folders; for a DICOM
-    file its SOP Instance UID (`medseg.data.dicom.dicom_id`), as exports reuse file names."""
-    if is_dicom(image_path):
-        return dicom_id(Path(image_path))
-    return Path(image_path.name).stem
+    """The id an image's outputs are named by, the image alone (`output_ids` keeps the ids of a
+    folder apart): its file's stem, never its folders; for a DICOM file its SOP Instance UID
+    (`medseg.data.dicom.dicom_uid`), as exports reuse file names, or where it has no valid
+    one its file's stem made `readable`. An id over `ID_BYTES` is cut, with a hash of the
+    whole, so that every name predict writes fits a file system's 255 bytes."""
+    path = Path(image_path)
+    if is_dicom(path):
+        return dicom_uid(path) or shortened(readable(Path(path.name).stem))
+    return shortened(Path(path.name).stem)
+
+
+# Room in a name's 255 bytes for the longest suffix ("_probabilities.npz") and for
+# atomic_path's temporary name (".<name>.<8 hex>.tmp.npz").
+ID_BYTES = 150
+
+
+def readable(text: str) -> str:
+    """``text`` as a name that is neither hidden nor odd: control characters and slashes
+    become "_", leading dots and spaces go; "unnamed" when nothing is left."""
+    return re.sub(r"[\x00-\x1f\x7f/\\]+", "_", text).lstrip(". ") or "unnamed"
+
+
+def shortened(name: str) -> str:
+    """``name`` itself up to `ID_BYTES` bytes (UTF-8), else its start and 8 hex digits of its
+    SHA-256 (longer names stay apart)."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= ID_BYTES:
+        return name
+    start = encoded[: ID_BYTES - 9].decode("utf-8", "ignore")
+    return f"{start}-{hashlib.sha256(encoded).hexdigest()[:8]}"
+
+
+def output_ids(paths: list[Path]) -> dict[Path, str]:
+    """`image_id` of each input, kept unique, so that no folder is refused for its names.
+
+    Inputs that would share an id (two DICOM files with one SOP Instance UID, ``a.png`` beside
+    ``a.jpg``) are each named ``<id>_<file name>``: apart, and traceable to their file (the
+    record names every output's source, `claim_output`). Ids are compared regardless of case,
+    as a case-insensitive disk would; a clash left after that (a file already named so) gets
+    "_2", "_3"... in the order of ``paths``.
+    """
+    ids = {path: image_id(path) for path in paths}
+    counts = Counter(value.casefold() for value in ids.values())
+    for path, value in ids.items():
+        if counts[value.casefold()] > 1:
+            ids[path] = shortened(f"{value}_{readable(path.name)}")
+    taken: set[str] = set()
+    for path, value in ids.items():
+        unique, number = value, 1
+        while unique.casefold() in taken:
+            number += 1
+            unique = f"{value}_{number}"
+        taken.add(unique.casefold())
+        ids[path] = unique
+    return ids
 
 
 def mask_name(image_path: Path) -> str:
@@ -48,17 +100,23 @@ def mask_name(image_path: Path) -> str:
 
 
 def output_names(
-    image_path: Path, *, probabilities: bool, overlays: bool, multi_class: bool = False
+    image_path: Path,
+    *,
+    probabilities: bool,
+    overlays: bool,
+    multi_class: bool = False,
+    stem: str | None = None,
 ) -> list[str]:
     """Every file predict writes for one image, the mask last (its presence means: done).
 
     Probabilities are ``<stem>_probability.png`` (0..255) for binary, ``<stem>_probabilities.npz``
-    (every class) for a K-class model.
+    (every class) for a K-class model. ``stem`` is the image's id in its folder (`output_ids`);
+    None: `image_id`.
     """
-    stem = image_id(image_path)
+    stem = image_id(image_path) if stem is None else stem
     probability = f"{stem}_probabilities.npz" if multi_class else f"{stem}_probability.png"
     extras = [probability] * probabilities + [f"{stem}_overlay.png"] * overlays
-    return [*extras, mask_name(image_path)]
+    return [*extras, f"{stem}_segmentation.png"]
 
 
 RECORD_NAME = ".medseg-predict.json"
@@ -106,9 +164,15 @@ def claim_output(
     *,
     overwrite: bool,
     report: PredictionReport,
+    sources: dict[str, str | list[str]] | None = None,
 ) -> list[Path]:
     """Make ``output`` this run's: refuse or replace earlier results, record the settings,
-    and return the inputs still to segment (those whose files are all there are skipped)."""
+    and return the inputs still to segment (those whose files are all there are skipped).
+
+    The record also names the source of every output (`SOURCES`: mask or volume name -> the
+    input file, or ``sources`` where given, as a volume's channel files); outputs an earlier
+    run left there keep theirs.
+    """
     if overwrite:  # replaced up front, so a resumed --overwrite run cannot keep an old mask
         for files in names.values():
             for name in files:
@@ -116,14 +180,36 @@ def claim_output(
     else:
         check_earlier_results(output, record, [output / files[-1] for files in names.values()])
     remove_partial_files(output)  # left by a kill in the middle of a write
-    write_text(output / RECORD_NAME, json.dumps(record, indent=2))
+    if sources is None:
+        sources = {files[-1]: str(path.absolute()) for path, files in names.items()}
+    sources = {**earlier_sources(output), **sources}
+    write_text(output / RECORD_NAME, json.dumps({**record, SOURCES: sources}, indent=2))
     pending = []
     for path, files in names.items():
         if all((output / name).exists() for name in files):
-            report.skipped.append(output / mask_name(path))
+            report.skipped.append(output / files[-1])
         else:
             pending.append(path)
     return pending
+
+
+SOURCES = "sources"  # the record's key naming each output's input file; not a setting
+
+
+def earlier_sources(output: Path) -> dict[str, str | list[str]]:
+    """The sources an earlier record of ``output`` names, for the outputs still there."""
+    try:
+        previous = json.loads((output / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    sources = previous.get(SOURCES) if isinstance(previous, dict) else None
+    if not isinstance(sources, dict):
+        return {}
+    return {
+        name: source
+        for name, source in sources.items()
+        if isinstance(name, str) and Path(name).name == name and (output / name).is_file()
+    }
 
 
 def write_outputs(
@@ -137,7 +223,7 @@ def write_outputs(
     """Every file of one image (`output_names`), the mask last: its presence means done."""
     mask = predictor.to_mask(probability)
     labels = predictor.labels if predictor.multi_class else None
-    stem = image_id(path)
+    stem = files[-1].removesuffix("_segmentation.png")
     if f"{stem}_probabilities.npz" in files:
         save_npz(output / f"{stem}_probabilities.npz", probability, predictor.labels)
     if f"{stem}_probability.png" in files:
@@ -146,7 +232,7 @@ def write_outputs(
         save_png(output / f"{stem}_overlay.png", overlay(image, mask, labels))
     # A label map is saved as its class indices; a binary mask as 0/255.
     written = mask if predictor.multi_class else (mask * 255).astype(np.uint8)
-    save_png(output / mask_name(path), written)
+    save_png(output / files[-1], written)
 
 
 def check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
@@ -211,17 +297,6 @@ def readable_batches(
             batch_paths, batch_images = [], []
     if batch_paths:
         yield batch_paths, batch_images
-
-
-def check_unique_names(paths: list[Path]) -> None:
-    seen: dict[str, Path] = {}
-    for path in paths:
-        name = mask_name(path)
-        if name in seen:
-            raise MedsegError(
-                f"{seen[name].name} and {path.name} would both be written as {name}; rename one"
-            )
-        seen[name] = path
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
