@@ -20,6 +20,7 @@ _PUBLIC = {
     "predict": "medseg.api",
     "prepare_data": "medseg.api",
     "train": "medseg.api",
+    "tune": "medseg.api",
     "visualize": "medseg.api",
     "load_pretrained": "medseg.api",
     "save_pretrained": "medseg.api",
@@ -45,6 +46,7 @@ __all__ = [
     "prepare_data",
     "save_pretrained",
     "train",
+    "tune",
     "visualize",
 ]
 
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         prepare_data,
         save_pretrained,
         train,
+        tune,
         visualize,
     )
     from medseg.config import Config, build_config

@@ -15,6 +15,7 @@ from typing import Any
 from medseg.commands.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.commands.export import export as export_model
 from medseg.commands.predict import predict as predict_files
+from medseg.commands.tune import tune as tune_study
 from medseg.commands.volumes import evaluate_volumes, predict_volumes
 from medseg.config import Config, build_config
 from medseg.config.choices import DEFAULT_TTA, OPSET
@@ -260,6 +261,29 @@ def demo(
     return {"train": result, "test": summary}
 
 
+def tune(
+    *,
+    data: str | Path | None,
+    out: str | Path,
+    trials: int,
+    epochs: int | None = None,
+    space: str | Path | None = None,
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    pruner=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Search training settings with Optuna in the study folder ``out`` until it holds
+    ``trials`` finished trials of ``epochs`` epochs each (`medseg.commands.tune.tune`); needs
+    the extra ``medseg[tune]``. Returns the trials, the best one and its ``best_config``
+    (a YAML for ``train(config_file=...)``)."""
+    return tune_study(
+        data, out, trials=trials, epochs=epochs, space=space, preset=preset,
+        config_file=config_file, overrides=overrides, pruner=pruner, progress=progress,
+    )  # fmt: skip
+
+
 __all__ = [
     "demo",
     "evaluate",
@@ -269,5 +293,6 @@ __all__ = [
     "prepare_data",
     "save_pretrained",
     "train",
+    "tune",
     "visualize",
 ]

@@ -106,6 +106,11 @@ def _after_interrupt(args) -> str:
             f"the masks written so far are kept in {args.out}; run the same command again "
             f"to segment the rest"
         )
+    if args.command == "tune":
+        return (
+            f"the finished trials are kept in {args.out}/study.db; run the same command again "
+            f"to continue the search"
+        )
     return "nothing half-written was left behind; run the same command again"
 
 
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
+    _add_tune(commands)
     _add_evaluate(commands)
     _add_predict(commands)
     _add_visualize(commands)
@@ -306,6 +312,65 @@ def _train_overrides(args) -> dict:
     if args.sync_bn:
         overrides["train.sync_bn"] = True
     return overrides
+
+
+# --- tune -----------------------------------------------------------------------------------
+
+
+def _add_tune(commands) -> None:
+    parser = commands.add_parser(
+        "tune", help="search training settings with Optuna (short trials, pruned early)"
+    )
+    parser.add_argument("--data", help="data root with train/ (a study's own when continuing)")
+    parser.add_argument(
+        "--trials",
+        type=non_negative_int,
+        required=True,
+        help="run until the study holds this many finished trials (complete or pruned)",
+    )
+    parser.add_argument(
+        *OUT_FLAGS, dest="out", required=True, help="study folder (continued if it exists)"
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, help="epochs per trial (default 10; a study keeps its own)"
+    )
+    parser.add_argument(
+        "--space",
+        metavar="YAML",
+        help="search space (default: learning rates 1e-5/1e-4/1e-3, batch sizes 8/16/32, "
+        "losses dice, dice_bce, dice_focal), copied into the study as search_space.yaml",
+    )
+    parser.add_argument("--config", help="base settings: YAML with data/model/train sections")
+    parser.add_argument("--preset", default="default", help="base recipe: default or seed")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a base setting"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_tune)
+
+
+def _run_tune(args) -> int:
+    from medseg.api import tune
+    from medseg.commands.tune import format_trials
+    from medseg.config import parse_override
+
+    summary = tune(
+        data=args.data, out=args.out, trials=args.trials, epochs=args.epochs, space=args.space,
+        preset=args.preset, config_file=args.config,
+        overrides=dict(parse_override(text) for text in args.set), progress=not args.quiet,
+    )  # fmt: skip
+    if summary["trials"]:
+        print(format_trials(summary))
+    best = summary["best"]
+    if best is None:
+        print(f"no trial has finished yet; search space: {args.out}/search_space.yaml")
+        return 0
+    print(
+        f"best: trial {best['trial']} (validation Dice {best['val_dice']:.4f}); its settings: "
+        f"{summary['best_config']}; train with: medseg train --data {summary['data']} --config "
+        f"{summary['best_config']}"
+    )
+    return 0
 
 
 # --- evaluate, predict, visualize -------------------------------------------------------------

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.patheffects import withStroke
+from matplotlib.ticker import MaxNLocator
 
 from medseg.core.errors import MedsegError
 from medseg.core.files import atomic_path
@@ -316,6 +317,59 @@ def _number(value: object, default: float = math.nan) -> float:
         return float(value)
     except (TypeError, ValueError):
         return default
+
+
+# How each state of a search trial is drawn: (colour, line style).
+TRIAL_STYLES = {"complete": ("tab:blue", "-"), "pruned": ("tab:gray", "--")}
+
+
+def plot_trials(
+    trials: Iterable[Mapping[str, object]], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """Save a two-panel figure of a hyperparameter search (``medseg tune``'s trials.png).
+
+    Each trial is a mapping with "trial" (its number), "state" ("complete", "pruned", ...),
+    "curve" (its validation Dice after each epoch, 0..1) and "val_dice" (its best, or "").
+    Left: every trial's curve, pruned ones dashed. Right: each trial's best Dice by trial
+    number and the best so far.
+    """
+    trials = list(trials)
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    curve_ax, best_ax = figure.subplots(1, 2)
+    for trial in trials:
+        colour, style = TRIAL_STYLES.get(str(trial["state"]), ("tab:red", ":"))
+        curve = [float(value) for value in trial["curve"]]
+        curve_ax.plot(
+            range(1, len(curve) + 1), curve, style, color=colour, marker="o", markersize=2
+        )
+    curve_ax.legend(
+        handles=[
+            Line2D([], [], color=c, linestyle=s, label=k) for k, (c, s) in TRIAL_STYLES.items()
+        ]
+    )
+    curve_ax.set(title="Validation Dice by epoch", xlabel="epoch", ylabel="val Dice", ylim=(0, 1))
+    scored = [(int(t["trial"]), _number(t["val_dice"]), str(t["state"])) for t in trials]
+    scored = [(number, dice, state) for number, dice, state in scored if math.isfinite(dice)]
+    for state, (colour, _) in TRIAL_STYLES.items():
+        points = [(number, dice) for number, dice, kind in scored if kind == state]
+        if points:
+            best_ax.scatter(*zip(*points, strict=True), color=colour, s=14, label=state)
+    complete = [(number, dice) for number, dice, state in scored if state == "complete"]
+    if complete:  # drawn on to the last trial
+        numbers, dice = zip(*complete, (max(number for number, _, _ in scored), -1.0), strict=True)
+        best = np.maximum.accumulate(dice)
+        best_ax.step(numbers, best, where="post", color="black", label="best so far")
+    if best_ax.collections or best_ax.lines:
+        best_ax.legend()
+    best_ax.set(
+        title="Best validation Dice by trial", xlabel="trial", ylabel="val Dice", ylim=(0, 1)
+    )
+    for ax in (curve_ax, best_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and trials
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
 
 
 def _legend_handles(*, with_truth: bool) -> list[Line2D]:

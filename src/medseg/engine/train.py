@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +105,14 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     changes: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``data_root`` into the run folder ``out_dir``; return a summary.
 
     With ``resume=True`` the run continues after its last finished epoch with the settings it
     was started with (``config`` is ignored; ``changes`` may set `RESUMABLE_SETTINGS`).
+    ``on_epoch`` is called on rank 0 with each finished epoch's row of metrics.csv, once the
+    epoch is saved; it may stop training by raising (`medseg tune` prunes trials so).
     """
     run = RunFolder(out_dir)
     if resume:
@@ -136,13 +139,16 @@ def fit(
             _start(run, config, data_root, state)
             setup.announce()
         try:
-            _train_epochs(setup, state, run, progress=progress and is_main)
+            _train_epochs(setup, state, run, progress=progress and is_main, on_epoch=on_epoch)
         except TrainingDiverged as diverged:
             raise MedsegError(f"{diverged}; {_after_divergence(run, state)}") from None
     return _summary(run, state)
 
 
-def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunFolder, *, progress) -> None:
+def _train_epochs(
+    setup: TrainingSetup, state: TrainingState, run: RunFolder, *, progress,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> None:  # fmt: skip
     settings = setup.config.train
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         if state.stopped_early(settings.patience):
@@ -156,6 +162,8 @@ def _train_epochs(setup: TrainingSetup, state: TrainingState, run: RunFolder, *,
             save_checkpoint(run.last, checkpoint)
             _write_history(run.path, state.history)
             _report_epoch(row, settings.epochs, improved)
+            if on_epoch is not None:
+                on_epoch(row)
 
 
 def _start(run: RunFolder, config: Config, data_root, state: TrainingState) -> None:
