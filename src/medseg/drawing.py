@@ -77,6 +77,7 @@ def overlay(
     contour_color: tuple[int, int, int] = (255, 0, 0),
     contour: bool = True,
     thickness: int | None = None,
+    legend: bool = True,
 ) -> np.ndarray:
     """Blend `mask` onto `image` and outline it; returns a new uint8 image.
 
@@ -86,7 +87,8 @@ def overlay(
     each class filled and outlined in `class_colour` (`color` and `contour_color` unused). An
     integer mask is a label map when `labels` names more than two classes or it holds values
     other than 0, 1 and 255. With `labels` (class names by value), a label map gets a legend in
-    a strip below the image, so the result is taller (and wider, if the names need it).
+    a strip below the image, so the result is taller (and wider, if the names need it); with
+    ``legend=False`` it keeps the image's size (the caller shows the names).
     `thickness` of the outline in pixels defaults to about 1 per 256 pixels of image size.
     """
     rgb = _as_rgb(image)
@@ -95,7 +97,7 @@ def overlay(
         result = _overlay_label_map(
             rgb, label_map, alpha=alpha, contour=contour, thickness=thickness
         )
-        return _with_legend(result, labels) if labels else result
+        return _with_legend(result, labels) if labels and legend else result
     foreground = _as_bool_mask(mask, rgb.shape[:2])
     blended = rgb.astype(np.float32)
     blended[foreground] = (1.0 - alpha) * blended[foreground] + alpha * np.float32(color)

@@ -9,6 +9,7 @@ same way; other earlier results are refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections import Counter
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from medseg.core.errors import MedsegError
-from medseg.core.files import atomic_path, remove_partial_files, write_text
+from medseg.core.files import remove_partial_files, write_bytes, write_text
 from medseg.data.dicom import dicom_uid, is_dicom, list_dicom, require_pydicom
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
@@ -227,12 +228,20 @@ def write_outputs(
     if f"{stem}_probabilities.npz" in files:
         save_npz(output / f"{stem}_probabilities.npz", probability, predictor.labels)
     if f"{stem}_probability.png" in files:
-        save_png(output / f"{stem}_probability.png", np.round(probability * 255).astype(np.uint8))
+        save_png(output / f"{stem}_probability.png", probability_pixels(probability))
     if f"{stem}_overlay.png" in files:
         save_png(output / f"{stem}_overlay.png", overlay(image, mask, labels))
-    # A label map is saved as its class indices; a binary mask as 0/255.
-    written = mask if predictor.multi_class else (mask * 255).astype(np.uint8)
-    save_png(output / files[-1], written)
+    save_png(output / files[-1], mask_pixels(mask, multi_class=predictor.multi_class))
+
+
+def mask_pixels(mask: np.ndarray, *, multi_class: bool) -> np.ndarray:
+    """The uint8 (H, W) a mask file holds: a label map's class indices, a binary mask as 0/255."""
+    return mask if multi_class else (mask * 255).astype(np.uint8)
+
+
+def probability_pixels(probability: np.ndarray) -> np.ndarray:
+    """A binary model's foreground probability (H, W) as the uint8 of its PNG: × 255, rounded."""
+    return np.round(probability * 255).astype(np.uint8)
 
 
 def check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
@@ -300,15 +309,25 @@ def readable_batches(
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as temporary:
-        Image.fromarray(array).save(temporary, format="PNG")
+    write_bytes(path, png_bytes(array))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 (H, W) or (H, W, 3) array as the bytes of the PNG file predict writes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_npz(path: Path, probabilities: np.ndarray, labels: list[str]) -> None:
+    write_bytes(path, npz_bytes(probabilities, labels))
+
+
+def npz_bytes(probabilities: np.ndarray, labels: list[str], **arrays: np.ndarray) -> bytes:
     """(K, H, W) class probabilities as float16 (half the size, within 0.00025 of float32),
-    with the class names, in a compressed ``.npz``."""
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        # A file handle, not a name: np.savez would add ".npz" to the temporary name.
-        np.savez_compressed(
-            handle, probabilities=probabilities.astype(np.float16), labels=np.array(labels)
-        )
+    with the class names (and any other ``arrays``), as the bytes of a compressed ``.npz``."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, probabilities=probabilities.astype(np.float16), labels=np.array(labels), **arrays
+    )
+    return buffer.getvalue()
