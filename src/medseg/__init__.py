@@ -1,6 +1,6 @@
 """medseg: DeepLabv3+ for 2D medical image segmentation, binary masks or multi-class label maps.
 
-The command line (``medseg train|evaluate|predict|visualize|export|prepare|demo``) and this API do the
+The command line (``medseg train|evaluate|predict|visualize|export|serve|prepare|demo``) and this API do the
 same things; see README.md. Names are imported on first use, so that ``import medseg`` (and the
 command line's ``--help``) does not wait for PyTorch.
 """
@@ -24,6 +24,7 @@ _PUBLIC = {
     "visualize": "medseg.api",
     "load_pretrained": "medseg.api",
     "save_pretrained": "medseg.api",
+    "serve": "medseg.api",
     "Config": "medseg.config",
     "build_config": "medseg.config",
     "MedsegError": "medseg.core.errors",
@@ -45,6 +46,7 @@ __all__ = [
     "predict",
     "prepare_data",
     "save_pretrained",
+    "serve",
     "train",
     "tune",
     "visualize",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         predict,
         prepare_data,
         save_pretrained,
+        serve,
         train,
         tune,
         visualize,

@@ -15,6 +15,7 @@ from typing import Any
 from medseg.commands.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.commands.export import export as export_model
 from medseg.commands.predict import predict as predict_files
+from medseg.commands.serve import serve as serve_model
 from medseg.commands.tune import tune as tune_study
 from medseg.commands.volumes import evaluate_volumes, predict_volumes
 from medseg.config import Config, build_config
@@ -284,6 +285,13 @@ def tune(
     )  # fmt: skip
 
 
+def serve(*, checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860, **options):
+    """Serve ``checkpoint`` as a local web page and HTTP endpoint until Ctrl-C
+    (`medseg.commands.serve.serve`; ``options``: device, precision, max_pixels). Needs the
+    extra ``medseg[serve]`` (Gradio)."""
+    serve_model(checkpoint, host=host, port=port, **options)
+
+
 __all__ = [
     "demo",
     "evaluate",
@@ -292,6 +300,7 @@ __all__ = [
     "predict",
     "prepare_data",
     "save_pretrained",
+    "serve",
     "train",
     "tune",
     "visualize",

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Commands whose forward passes run faster with the allocator tuned (README Performance);
 # training showed no consistent gain, so it keeps glibc's defaults.
-INFERENCE_COMMANDS = ("predict", "evaluate", "visualize")
+INFERENCE_COMMANDS = ("predict", "evaluate", "visualize", "serve")
 
 
 def _fail(status: int, message: str) -> int:
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(commands)
     _add_demo(commands)
     _add_export(commands)
+    _add_serve(commands)
     for command in commands.choices.values():  # --debug before or after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -707,6 +708,56 @@ def _run_export(args) -> int:
         )
         for problem in quantization["unreadable_calibration_images"]:
             print(f"medseg: skipped for calibration: {problem}", file=sys.stderr)
+    return 0
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is impossible; a port is 0 to 65535")
+    return value
+
+
+def _add_serve(commands) -> None:
+    parser = commands.add_parser(
+        "serve", help="a local web page (and HTTP endpoint) that segments uploaded images"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this computer only; the page has no login, so "
+        "another address prints a warning)",
+    )
+    parser.add_argument("--port", type=port_number, default=7860, help="0: any free port")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=choices.PRECISIONS)
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        help="largest image accepted, in pixels (default, and at most: what predict reads)",
+    )
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from medseg.api import serve
+
+    options = {"max_pixels": args.max_pixels} if args.max_pixels else {}
+    serve(
+        checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+        precision=args.precision, **options,
+    )  # fmt: skip
+    print("medseg serve stopped; the uploads' temporary folder is removed")
     return 0
 
 
