@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -148,3 +149,36 @@ def test_sharded_evaluate_equals_the_single_process_one(tiny_checkpoint, synthet
     assert sharded == {**json.loads(json.dumps(single)), "data": sharded["data"]}
     assert (root / "two/per_image.csv").read_text() == (root / "single/per_image.csv").read_text()
     assert process.stdout.count("(12 pairs)") == 1  # rank 0 alone prints
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_the_documented_two_machine_launch_trains_through_a_rendezvous(synthetic_root):
+    """docs/cli.md's launch, with two torchrun agents on this machine standing for two."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    launch += ["--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    launch += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "medseg-test"]
+    train = ["-m", "medseg", "train", "--data", "synthetic", "--out", "run", "--epochs", "1"]
+    train += ["--no-pretrained", "--backbone", "resnet18", "--image-size", "64", "--quiet"]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MEDSEG")}
+    environment.update(OMP_NUM_THREADS="1", MEDSEG_CACHE_DIR=str(synthetic_root.parent / "cache"))
+    machines = [
+        subprocess.Popen(
+            [*launch, *train],
+            cwd=synthetic_root.parent,
+            env=environment,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], "\n".join(outputs)[-3000:]
+    assert "2 processes" in "".join(outputs)
+    assert "".join(outputs).count("best validation Dice") == 1  # rank 0 alone reports
+    rows = (synthetic_root.parent / "run" / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1"]
