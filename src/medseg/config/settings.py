@@ -169,21 +169,33 @@ class Range:
         )
 
 
+# Bounds on what a network is built for, checked on every config, so a config.json or
+# medseg.json edited by hand (or a typo) is refused in one line instead of failing to allocate:
+# the input side (a 4096×4096 input already takes tens of GB of activations; the plan's sizes
+# end at 512), the classes (label maps and masks are 8-bit images: values 0..255) and the
+# image channels (a stack of MRI sequences is a handful).
+MAX_IMAGE_SIZE = 4096
+MAX_CLASSES = 256
+MAX_CHANNELS = 64
+# An atrous rate past the side of the largest input's feature map (at output stride 8) reads
+# only padding.
+MAX_ASPP_RATE = MAX_IMAGE_SIZE // 8
+
 NON_NEGATIVE = Range(low=0)
 POSITIVE = Range(low=0, low_open=True)
 PROBABILITY = Range(low=0, high=1, low_open=True, high_open=True)  # strictly between 0 and 1
 
 # (section, key) -> the range of a numeric setting. Every float must also be finite.
 RANGES = {
-    ("data", "image_size"): Range(low=0),
+    ("data", "image_size"): Range(low=0, high=MAX_IMAGE_SIZE),
     ("data", "val_fraction"): PROBABILITY,
     ("data", "foreground_fraction"): PROBABILITY,
-    ("data", "channels"): Range(low=1),
-    ("model", "num_classes"): Range(low=1),
-    ("model", "in_channels"): Range(low=1),
+    ("data", "channels"): Range(low=1, high=MAX_CHANNELS),
+    ("model", "num_classes"): Range(low=1, high=MAX_CLASSES),
+    ("model", "in_channels"): Range(low=1, high=MAX_CHANNELS),
     ("data", "num_workers"): NON_NEGATIVE,
     ("model", "aspp_dropout"): Range(low=0, high=1, high_open=True),
-    ("model", "pooling_window"): NON_NEGATIVE,
+    ("model", "pooling_window"): Range(low=0, high=MAX_IMAGE_SIZE),
     ("train", "epochs"): NON_NEGATIVE,
     ("train", "batch_size"): Range(low=1),
     ("train", "lr"): POSITIVE,
@@ -296,9 +308,10 @@ def validate(config: Config) -> None:
             f"(or 0: planned from the data)"
         )
     rates = config.model.aspp_rates
-    if any(rate < 1 for rate in rates) or len(set(rates)) != len(rates):
+    if any(not 1 <= rate <= MAX_ASPP_RATE for rate in rates) or len(set(rates)) != len(rates):
         raise MedsegError(
-            f"model.aspp_rates={rates} is impossible; each rate must be at least 1, and given once"
+            f"model.aspp_rates={rates} is impossible; each rate must be 1 to {MAX_ASPP_RATE}, "
+            f"and given once"
         )
     if config.model.variant == "seed" and config.model.output_stride != 16:
         raise MedsegError(
@@ -311,6 +324,10 @@ def validate(config: Config) -> None:
 def _check_classes(config: Config) -> None:
     """The model's outputs and inputs must match the data's classes and channels."""
     labels, model = config.data.labels, config.model
+    if len(labels) > MAX_CLASSES:
+        raise MedsegError(
+            f"data.labels names {len(labels)} classes; at most {MAX_CLASSES} (masks are 8-bit)"
+        )
     if labels and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise MedsegError(
             f"data.labels={labels} must name at least two classes (background first), each once"

@@ -170,7 +170,7 @@ def prepare(
     if entry is None:
         stop_at = set() if skip_bad else set(wanted)
         entry = _build(folder, pairs, layout, stop_at=stop_at, progress=progress)
-    return _select(entry, pairs, wanted, skip_bad=skip_bad)
+    return _select(entry, pairs, wanted, skip_bad=skip_bad, labels=layout.labels)
 
 
 def _folder_pairs(samples: list[Sample]) -> list[Sample]:
@@ -402,7 +402,7 @@ def _write_manifest(folder: Path, entry: _Entry, **extra) -> None:
     write_text(folder / "manifest.json", json.dumps(manifest))
 
 
-def _select(entry: _Entry, pairs: list[Sample], wanted: list[int], *, skip_bad: bool):
+def _select(entry: _Entry, pairs: list[Sample], wanted: list[int], *, skip_bad: bool, labels=()):
     """The rows of the `wanted` pairs, in their order; refuse a bad one unless `skip_bad`."""
     bad = [entry.bad[index] for index in wanted if index in entry.bad]
     if bad and not skip_bad:  # built for another share, or by a --skip-bad run: still bad
@@ -411,7 +411,7 @@ def _select(entry: _Entry, pairs: list[Sample], wanted: list[int], *, skip_bad: 
     rows = [row_of[index] for index in wanted if index in row_of]
     if not rows:
         raise MedsegError(f"none of the {len(wanted)} pairs could be read; first problem: {bad[0]}")
-    _check_foreground(entry, rows, pairs[entry.kept[rows[0]]].mask.parent)
+    _check_foreground(entry, rows, pairs[entry.kept[rows[0]]].mask.parent, labels)
     return PreparedCache(
         samples=[pairs[entry.kept[row]] for row in rows],
         images=_take(entry.images, rows),
@@ -432,24 +432,34 @@ def _take(array: np.ndarray | Ragged, rows: list[int]) -> np.ndarray | Rows | Ra
 # that the whole folder has no foreground.
 _warned_folders: set[Path] = set()
 
-_EMPTY_ADVICE = (
-    "the model would learn to find nothing; check that the lesion is white (255, or 1) in them"
-)
+
+def _empty_advice(labels: tuple[str, ...]) -> tuple[str, str]:
+    """(what none of the masks has, what to check) for binary masks or label maps."""
+    if len(labels) > 2:
+        return "a pixel of any class but background", (
+            f"the model would learn to find nothing; check that the masks hold the class values "
+            f"1..{len(labels) - 1} that dataset.json declares ({', '.join(labels[1:4])}"
+            f"{', ...' if len(labels) > 4 else ''}), not only 0"
+        )
+    return "a foreground pixel", (
+        "the model would learn to find nothing; check that the lesion is white (255, or 1) in them"
+    )
 
 
-def _check_foreground(entry: _Entry, rows: list[int], mask_folder: Path) -> None:
-    """Warn when none of the masks of `rows` (from the manifest, not the masks) has foreground."""
+def _check_foreground(
+    entry: _Entry, rows: list[int], mask_folder: Path, labels: tuple[str, ...] = ()
+) -> None:
+    """Warn when none of the masks of `rows` (from the manifest, not the masks) has foreground:
+    for label maps, a pixel of any class but background."""
+    missing, advice = _empty_advice(tuple(labels))
     if not any(entry.foreground):
         if mask_folder not in _warned_folders:
             _warned_folders.add(mask_folder)
-            _warn(
-                f"none of the {len(entry.kept)} masks in {mask_folder} has a foreground pixel; "
-                f"{_EMPTY_ADVICE}"
-            )
+            _warn(f"none of the {len(entry.kept)} masks in {mask_folder} has {missing}; {advice}")
     elif not any(entry.foreground[row] for row in rows):
         _warn(
             f"none of the {len(rows)} masks used here (of {len(entry.kept)}) in {mask_folder} "
-            f"has a foreground pixel; {_EMPTY_ADVICE}"
+            f"has {missing}; {advice}"
         )
 
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medseg.core.errors import MedsegError
 from medseg.data.dicom import is_dicom, read_dicom
-from medseg.data.reading import check_regular_file, read_error, window_16_bit
+from medseg.data.reading import check_regular_file, note, read_error, window_16_bit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".npy")
 
@@ -89,7 +89,11 @@ def read_target(path: str | Path, labels: list[str] | tuple[str, ...] = ()) -> n
 
 
 def read_label_map(path: str | Path, labels: list[str] | tuple[str, ...]) -> np.ndarray:
-    """Read a label map as uint8 (H, W): each value a class index 0..K-1, read exactly."""
+    """Read a label map as uint8 (H, W): each value a class index 0..K-1, read exactly.
+
+    Two classes saved as a binary mask usually is (0 and 255, or 0 and 65535 in 16 bits) are
+    read as 0/1, said once per folder; any other value outside 0..K-1 is refused.
+    """
     with _open(path) as image:
         mode = image.mode
         values = np.asarray(image)
@@ -102,6 +106,9 @@ def read_label_map(path: str | Path, labels: list[str] | tuple[str, ...]) -> np.
             f"channel whose values are the class indices 0..{len(labels) - 1} of dataset.json"
         )
     largest = int(values.max()) if values.size else 0
+    if largest >= len(labels) and len(labels) == 2 and _saved_as_binary(values):
+        _note_binary(Path(path), largest, labels[1])
+        return (values > 0).astype(np.uint8)
     if largest >= len(labels):
         found = sorted(int(value) for value in np.unique(values) if value >= len(labels))
         shown = ", ".join(map(str, found[:5])) + (" ..." if len(found) > 5 else "")
@@ -111,6 +118,27 @@ def read_label_map(path: str | Path, labels: list[str] | tuple[str, ...]) -> np.
             f"(allowed: {allowed}); fix the mask or add the class to dataset.json"
         )
     return values.astype(np.uint8)
+
+
+def _saved_as_binary(values: np.ndarray) -> bool:
+    """Whether a mask holds only 0 and the top of its bit depth: a binary mask as most tools
+    save one, which for two classes can mean one thing only."""
+    return bool(np.isin(values, (0, 255)).all()) or (
+        values.dtype == np.uint16 and bool(np.isin(values, (0, 65535)).all())
+    )
+
+
+_noted_folders: set[Path] = set()  # the 0/255 note is said once per folder of masks
+
+
+def _note_binary(path: Path, top: int, foreground: str) -> None:
+    if path.parent in _noted_folders:
+        return
+    _noted_folders.add(path.parent)
+    note(
+        f"masks in {path.parent} hold 0 and {top} (first {path.name}); dataset.json declares "
+        f"two classes, so {top} is read as {foreground!r} (1)"
+    )
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -5,7 +5,8 @@ and the classes and channels of a dataset.json). `plan` fills them in when train
 the run's config.yaml and checkpoints record the result, so prediction never plans again.
 
 - Classes and channels: from the data root's dataset.json (`medseg.data.dataset`), else binary
-  RGB.
+  RGB. A few training images are looked at: a note says when they hold colour that a declared
+  single channel drops (read as gray), or are all gray where three channels are declared.
 - Resolution: the smallest `SIZES` entry, from the default recipe's 160 for binary masks
   (measured on ISIC, README Recipes) and from 128 for label maps, at which every class of the
   training masks survives the round trip there and back (nearest down, as the cache resizes
@@ -36,16 +37,20 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import Config, validate
+from medseg.config.settings import MAX_IMAGE_SIZE
 from medseg.core.errors import MedsegError
-from medseg.data.dataset import DatasetInfo, read_dataset_info
+from medseg.data import reading
+from medseg.data.dataset import DatasetInfo, find_dataset_json, read_dataset_info
 from medseg.data.folder import train_pairs
-from medseg.data.io import read_target
+from medseg.data.io import read_image, read_target
 from medseg.data.transforms import resize_label_map, resize_probabilities
 
 BINARY_IMAGE_SIZE = 160
 SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
 ROUND_TRIP_DICE = 0.96
 FINGERPRINT_MASKS = 40  # masks read for the size plan: enough for a stable mean, read in seconds
+CHANNEL_IMAGES = 8  # images looked at for their colour: enough to tell a colour set from a gray one
+SHOWN_CLASSES = 8  # class names printed before "..."
 PATCH_SIZE = 256  # enough context for a vessel or a nucleus; what a 2-core CPU trains in an hour
 MIN_EPOCHS = 50
 MIN_STEPS = 600
@@ -84,6 +89,8 @@ def plan(config: Config, data_root: str | Path) -> Config:
     validate(planned)
     if notes:
         print(f"plan from the data: {describe_classes(planned)}; " + "; ".join(notes))
+        if info.channels_declared:
+            _check_channels(data_root, data.mask_suffix, info.channels)
     return planned
 
 
@@ -109,8 +116,40 @@ def describe_classes(config: Config) -> str:
     labels, channels = config.data.labels, config.data.channels
     kind = "grayscale" if channels == 1 else f"{channels}-channel"
     if len(labels) > 2:
-        return f"{len(labels)} classes ({', '.join(labels)}), {kind} images"
+        names = list(labels)
+        if len(names) > SHOWN_CLASSES:
+            names = [*names[: SHOWN_CLASSES - 1], "...", names[-1]]
+        return f"{len(labels)} classes ({', '.join(names)}), {kind} images"
     return f"binary masks, {kind} images"
+
+
+def _check_channels(data_root, mask_suffix: str, channels: int) -> None:
+    """A note when a few training images contradict the channels dataset.json declares:
+    colour read as gray (1 declared; the colour is lost), or gray read as three equal channels
+    (3 declared; the network then takes three copies of one channel). Either trains, so it is
+    said rather than refused: the declaration may be meant (colour that carries nothing)."""
+    if channels not in (1, 3):
+        return
+    images = [sample.image for sample in train_pairs(data_root, mask_suffix=mask_suffix)]
+    coloured = []
+    for path in images[:: max(1, len(images) // CHANNEL_IMAGES)][:CHANNEL_IMAGES]:
+        with contextlib.suppress(MedsegError):  # a bad image is left to the cache, which names it
+            image = read_image(path, channels=3)
+            coloured.append((path, bool(np.ptp(image, axis=2).any())))
+    colour = [path for path, is_colour in coloured if is_colour]
+    declared = find_dataset_json(data_root)
+    if channels == 1 and colour:
+        reading.note(
+            f"{declared} declares 1 channel but {len(colour)} of {len(coloured)} training images "
+            f"looked at are in colour (first {colour[0].name}); they are read as gray (luma), so "
+            f'their colour is lost: declare "channels": 3 if it matters'
+        )
+    elif channels == 3 and coloured and not colour:
+        reading.note(
+            f"{declared} declares 3 channels but the {len(coloured)} training images looked at "
+            f"are gray (first {coloured[0][0].name}); each is read as three equal channels: "
+            f'declare "channels": 1 for a grayscale network'
+        )
 
 
 def _resolution(data, labels: list[str], data_root) -> tuple[str, int, str]:
@@ -156,7 +195,9 @@ def _resize_size(masks: list[np.ndarray], labels: list[str]) -> tuple[int | None
     first = SIZES[0] if len(labels) > 2 else BINARY_IMAGE_SIZE
     if len(labels) <= 2 and native <= first:  # the recipe's size loses nothing of small images
         return first, f"{first}×{first} (binary masks)"
-    candidates = [size for size in SIZES if first <= size < native] + [native]
+    # A native side past what the network may take is left to patches.
+    candidates = [size for size in SIZES if first <= size < native]
+    candidates += [native] if native <= MAX_IMAGE_SIZE else []
     for size in candidates:
         worst_name, worst = _worst_class(masks, size, names)
         if worst >= ROUND_TRIP_DICE:
@@ -166,7 +207,7 @@ def _resize_size(masks: list[np.ndarray], labels: list[str]) -> tuple[int | None
                 f"{size}×{size} (every class keeps Dice ≥ {ROUND_TRIP_DICE} through the resize; "
                 f"lowest {worst_name} {worst:.3f})"
             )
-    return None, f"resized to {native}×{native} and back, {worst_name} keeps Dice {worst:.3f}"
+    return None, f"resized to {size}×{size} and back, {worst_name} keeps Dice {worst:.3f}"
 
 
 def _worst_class(masks: list[np.ndarray], size: int, labels: list[str]) -> tuple[str, float]:

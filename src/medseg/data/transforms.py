@@ -20,6 +20,9 @@ from medseg.core.errors import MedsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The most channels OpenCV's area interpolation takes in one call at a scale that is not a
+# whole fraction; `resize_image` resizes more (a 5-sequence MRI .npy) in groups of this many.
+OPENCV_CHANNELS = 4
 
 
 def normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -45,6 +48,17 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         return image
     shrinking = height <= image.shape[0] and width <= image.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    if image.ndim == 3 and image.shape[2] > OPENCV_CHANNELS:
+        # Every channel is resized on its own, so resizing them in groups changes nothing.
+        groups = [
+            cv2.resize(
+                np.ascontiguousarray(image[..., first : first + OPENCV_CHANNELS]),
+                (width, height),
+                interpolation=interpolation,
+            ).reshape(height, width, -1)
+            for first in range(0, image.shape[2], OPENCV_CHANNELS)
+        ]
+        return np.concatenate(groups, axis=2)
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
