@@ -4,11 +4,15 @@ import medseg
 medseg.train(data="isic2017", out="runs/first", overrides={"train.epochs": 5})
 summary = medseg.evaluate(checkpoint="runs/first", data="isic2017/test", out="runs/first/eval")
 medseg.predict(checkpoint="runs/first", source="new_images/", output="masks/")
+
+Every ``checkpoint`` may also be an ensemble: a k-fold run folder, a list of checkpoints, or
+``medseg.formats.source.resolve_source("runs/cv", folds=[0, 2])`` for chosen folds.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from medseg.data.plan import plan
 from medseg.drawing import save_prediction_figure
 from medseg.engine.train import fit
 from medseg.formats import safetensors
+from medseg.formats.source import Checkpoint, ModelSource, resolve_source
 from medseg.model import DeepLabV3Plus
 from medseg.prediction.outputs import PredictionReport
 from medseg.prediction.predictor import Predictor
@@ -65,30 +70,37 @@ def train(
 
 
 def evaluate(
-    *, checkpoint: str | Path, data: str | Path, out: str | Path, **options
+    *, checkpoint: Checkpoint | ModelSource, data: str | Path, out: str | Path, **options
 ) -> dict[str, Any]:
     """Score a checkpoint on a folder of pairs (`medseg.commands.evaluate.evaluate_folder`), on
     an nnU-Net root's 2D slices, or volume by volume on an nnU-Net root of NIfTI volumes
     (`medseg.commands.volumes.evaluate_volumes`, which takes no ``report`` or ``roi``)."""
+    checkpoint = _resolved(checkpoint)
     if is_volume_root(data):
         return evaluate_volumes(checkpoint, data, out, **options)
     return evaluate_folder(checkpoint, image_root(data), out, **options)
 
 
 def predict(
-    *, checkpoint: str | Path, source: str | Path, output: str | Path, **options
+    *, checkpoint: Checkpoint | ModelSource, source: str | Path, output: str | Path, **options
 ) -> PredictionReport:
     """Segment images into masks at their own size (0/255, or class indices for a multi-class
     checkpoint; `medseg.commands.predict.predict`), or NIfTI volumes into label volumes
     (`medseg.commands.volumes.predict_volumes`, which writes no probabilities or overlays)."""
+    checkpoint = _resolved(checkpoint)
     if is_nifti(source):
         return predict_volumes(checkpoint, source, output, **options)
     return predict_files(checkpoint, source, output, **options)
 
 
+def _resolved(checkpoint: Checkpoint | ModelSource) -> Checkpoint | ModelSource:
+    """Several checkpoints as the one ensemble they name, so that results name it readably."""
+    return resolve_source(checkpoint) if isinstance(checkpoint, (list, tuple)) else checkpoint
+
+
 def visualize(
     *,
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | ModelSource,
     data: str | Path,
     out: str | Path,
     num_samples: int = 8,
@@ -144,15 +156,18 @@ def visualize(
 
 def export(
     *,
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | ModelSource,
     out: str | Path,
     format: str = "safetensors",
     quantize: str | None = None,
     calibration: str | Path | None = None,
     overwrite: bool = False,
     opset: int = OPSET,
+    folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Ship a checkpoint (a .pt file or a run folder) as a folder ``out`` with a model card.
+    """Ship a checkpoint (a .pt file or a run folder) as a folder ``out`` with a model card;
+    an ensemble (a k-fold run, of which ``folds`` chooses folds, or a list of checkpoints) as
+    a folder per member with ensemble.json (safetensors) or one averaging graph (ONNX).
 
     ``format`` "safetensors" writes model.safetensors and config.json (load them with
     `Predictor.from_pretrained` or `load_pretrained`); "onnx" writes model.onnx
@@ -162,7 +177,7 @@ def export(
     """
     return export_model(
         checkpoint, out, format=format, quantize=quantize, calibration=calibration,
-        overwrite=overwrite, opset=opset,
+        overwrite=overwrite, opset=opset, folds=folds,
     )  # fmt: skip
 
 

@@ -12,6 +12,8 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,11 @@ from medseg.data.folder import list_images
 from medseg.data.io import read_image
 from medseg.data.transforms import normalisation
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import Precision
 from medseg.engine.sliding_window import inference_tile
-from medseg.formats.card import Provenance, model_card
+from medseg.formats.card import EnsembleMember, Provenance, model_card
+from medseg.formats.ensemble import ENSEMBLE_NAME, ensemble_description, fold_of
 from medseg.formats.folder import check_export_folder, staged_export
 from medseg.formats.onnx import (
     FORMAT,
@@ -44,8 +48,18 @@ from medseg.formats.onnx import (
     open_session,
 )
 from medseg.formats.safetensors import SAFETENSORS_PACKAGE, load_pretrained, save_pretrained
-from medseg.formats.source import CHECKPOINT, ONNX, SAFETENSORS, ModelSource, resolve_source
+from medseg.formats.source import (
+    CHECKPOINT,
+    KFOLD,
+    ONNX,
+    SAFETENSORS,
+    Checkpoint,
+    ModelSource,
+    resolve_source,
+)
 from medseg.model import DeepLabV3Plus
+from medseg.model.ensemble import ProbabilityAverage
+from medseg.prediction.ensemble import check_compatible
 from medseg.prediction.outputs import file_sha256
 from medseg.prediction.predictor import Predictor, resolve_tta
 
@@ -68,7 +82,7 @@ says (sigmoid and `threshold`, or arg-max over the classes)."""
 
 
 def export(
-    checkpoint: str | os.PathLike,
+    checkpoint: Checkpoint | ModelSource,
     out: str | os.PathLike,
     *,
     format: str = "safetensors",
@@ -76,6 +90,7 @@ def export(
     calibration: str | os.PathLike | None = None,
     overwrite: bool = False,
     opset: int = OPSET,
+    folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Write ``checkpoint`` (a .pt file, a run folder or a safetensors export) into the folder
     ``out`` as ``format``.
@@ -85,13 +100,25 @@ def export(
     with ``quantize`` "int8", model.onnx is the int8 model calibrated on ``calibration`` (a
     folder of images, or a data root whose train/images is used) and the float one is kept as
     model-fp32.onnx. A folder that already holds a model is refused unless ``overwrite``.
-    Returns what was written: {"out", "format", "files", "source", "sha256", ...}.
+
+    An ensemble (a k-fold run, of which ``folds`` chooses folds; several checkpoints in a list;
+    an exported ensemble) is written whole: as safetensors, a folder per member (fold_0/ ...)
+    with ensemble.json; as ONNX, one graph that averages the members' probabilities
+    (`medseg.model.ensemble.ProbabilityAverage`), checked against the members run one by one.
+    Returns what was written: {"out", "format", "files", "source", "sha256", ...} (for an
+    ensemble, "sha256" lists every member's).
     """
     _check_request(format, quantize, calibration, opset)
-    source = resolve_source(checkpoint)  # a folder that holds no model is named here
+    source = resolve_source(checkpoint, folds=folds)  # a folder holding no model is named here
     _check_out(Path(out), source)
     check_export_folder(out, overwrite=overwrite)
     calibration_paths = _calibration_images(calibration) if quantize else []
+    if source.is_ensemble:
+        options = {"quantize": quantize, "calibration": calibration, "opset": opset}
+        return _export_ensemble(
+            source, Path(out), format=format, overwrite=overwrite,
+            calibration_paths=calibration_paths, **options,
+        )  # fmt: skip
     model, config, provenance = _load_source(source, given=str(checkpoint))
     tta = resolve_tta("auto", config)
     weights = str(source.weights)
@@ -110,11 +137,14 @@ def export(
 
 
 def _write_onnx_folder(
-    staging: Path, model: DeepLabV3Plus, config: Config, provenance: Provenance, *, tta: str,
+    staging: Path, model: torch.nn.Module, config: Config, provenance: Provenance, *, tta: str,
     opset: int, quantize: str | None, calibration, calibration_paths: list[Path],
+    ensemble: OnnxEnsemble | None = None,
 ) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
-    """model.onnx (and model-fp32.onnx when quantized), medseg.json and the card."""
-    difference = _write_onnx(model, config, staging / ONNX_NAME, opset=opset)
+    """model.onnx (and model-fp32.onnx when quantized), medseg.json and the card; for an
+    ``ensemble``, ``model`` is its `ProbabilityAverage`, checked against its members."""
+    verify = ensemble.verify if ensemble else _verify
+    difference = _write_onnx(model, config, staging / ONNX_NAME, opset=opset, verify=verify)
     files = {ONNX_NAME: {"precision": "fp32"}}
     quantization = None
     if quantize:
@@ -124,12 +154,20 @@ def _write_onnx_folder(
     for name, described in files.items():
         described["sha256"] = file_sha256(staging / name)
     meta = _describe(config, provenance, tta=tta, opset=opset)
+    checked = "verified_max_probability_difference" if ensemble else "verified_max_logit_difference"
     meta.update(
+        {checked: difference},
         files=files,
-        verified_max_logit_difference=difference,
         quantization=quantization,
+        **({"ensemble": ensemble.described} if ensemble else {}),
         config=meta.pop("config"),  # last: the long part
     )
+    if ensemble:
+        meta["source_checkpoint_sha256"] = None  # one per member, in "ensemble"
+        meta["output"]["ensemble"] = (
+            "the logits of the members' averaged probabilities: log p - log(1 - p) (binary) "
+            "or log p (classes), so sigmoid or softmax gives the average back"
+        )
     (staging / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     listed = ", ".join(f"{name} ({described['precision']})" for name, described in files.items())
     card = model_card(
@@ -138,16 +176,20 @@ def _write_onnx_folder(
         files=f"{listed} for onnxruntime, {META_NAME} (how to feed it)",
         tta=tta,
         usage=ONNX_USAGE,
+        ensemble=ensemble.members if ensemble else None,
     )
     (staging / "README.md").write_text(card, encoding="utf-8")
     return files, quantization
 
 
 def _check_out(out: Path, source: ModelSource) -> None:
-    """An export goes into a folder of its own, never over the run or the model it comes from."""
-    protected = {source.path.resolve(), source.weights.parent.resolve()}
-    if source.kind == CHECKPOINT:
-        protected.add(source.run.path.resolve())
+    """An export goes into a folder of its own, never over the run or the model it comes from
+    (for an ensemble: nor over any member's)."""
+    protected = {source.path.resolve()}
+    for leaf, _ in source.leaves():
+        protected |= {leaf.path.resolve(), leaf.weights.parent.resolve()}
+        if leaf.kind == CHECKPOINT:
+            protected.add(leaf.run.path.resolve())
     if out.resolve() in protected:
         raise MedsegError(
             f"--out {out} is the folder of the model being exported; the export's files would "
@@ -220,8 +262,11 @@ def _calibration_images(calibration: str | os.PathLike) -> list[Path]:
     )
 
 
-def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int) -> float:
-    """Export ``model`` to ``path`` and check it against PyTorch (see `_verify`)."""
+def _write_onnx(
+    model: torch.nn.Module, config: Config, path: Path, *, opset: int, verify=None
+) -> float:
+    """Export ``model`` to ``path`` and check it against PyTorch (``verify``: `_verify`, or an
+    ensemble's own check)."""
     onnx = require("onnx", **ONNX_PACKAGE)
     size, channels = _traced_size(config), config.data.channels
     model = model.eval().float()
@@ -251,7 +296,7 @@ def _write_onnx(model: DeepLabV3Plus, config: Config, path: Path, *, opset: int)
     graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = config.model.num_classes
     onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
-    return _verify(model, path, channels=channels, size=size)
+    return (verify or _verify)(model, path, channels=channels, size=size)
 
 
 def _traced_size(config: Config) -> int:
@@ -419,3 +464,186 @@ def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -
         "tta": tta,
         "config": config.to_dict(),
     }
+
+
+# --- ensembles --------------------------------------------------------------------------------
+
+ENSEMBLE_USAGE = """\
+```bash
+medseg predict --checkpoint THIS_FOLDER -i images/ -o masks/  # every member, averaged
+medseg evaluate --checkpoint THIS_FOLDER --data DATA_ROOT/test
+```
+
+```python
+import medseg
+
+predictor = medseg.Predictor.from_pretrained("THIS_FOLDER")  # an EnsemblePredictor
+masks = predictor.masks([uint8_image])
+model = medseg.load_pretrained("THIS_FOLDER/MEMBER")  # one member's nn.Module
+```"""
+
+
+@dataclass
+class OnnxEnsemble:
+    """What an ONNX ensemble's folder holds beyond one model's: its members for the card and
+    medseg.json, and the networks its graph is checked against."""
+
+    members: list[EnsembleMember]
+    described: list[dict[str, Any]]
+    networks: list[DeepLabV3Plus]
+    shares: list[float]
+
+    def verify(self, model, path: Path, *, channels: int, size: int) -> float:
+        """The largest probability difference between the graph and the members run one by one
+        in PyTorch, their probabilities averaged, on two random images at another size than the
+        traced one; more than 1e-4 is refused, not shipped."""
+        generator = torch.Generator().manual_seed(0)
+        batch = torch.randn(2, channels, size + 16, size, generator=generator)
+        with torch.no_grad():
+            expected = sum(
+                share * _probabilities(network.eval()(batch))
+                for network, share in zip(self.networks, self.shares, strict=True)
+            )
+        try:
+            (logits,) = open_session(path).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+            found = float((_probabilities(torch.from_numpy(logits)) - expected).abs().max())
+        except Exception as error:  # onnxruntime's own error types
+            found = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        if isinstance(found, str) or not found <= 1e-4:
+            raise MedsegError(
+                f"the ONNX graph does not reproduce the ensemble's averaged probabilities on a "
+                f"test batch ({found}); export --format safetensors instead, and report it"
+            )
+        return found
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K, H, W) logits as probabilities: softmax over K classes, sigmoid for one."""
+    return logits.softmax(1) if logits.shape[1] > 1 else logits.sigmoid()
+
+
+def _member_names(source: ModelSource) -> list[tuple[str, str, int | None]]:
+    """(name, folder, fold) of each member: "fold i" in fold_i/ where every member is a
+    different fold, else "member j" in member_j/."""
+    folds = [fold_of(leaf.path) for leaf, _ in source.leaves()]
+    if None not in folds and len(set(folds)) == len(folds):
+        return [(f"fold {fold}", f"fold_{fold}", fold) for fold in folds]
+    return [(f"member {index}", f"member_{index}", None) for index in range(len(folds))]
+
+
+def _load_member(
+    source: ModelSource, leaf: ModelSource, first: tuple[ModelSource, Config] | None
+) -> tuple[DeepLabV3Plus, Config, Provenance]:
+    """One member's network, config and provenance, checked against the ``first`` member's."""
+    model, config, provenance = _load_source(leaf, given=str(leaf.weights))
+    if first is not None:
+        check_compatible(*first, leaf, config)
+        if config.model.num_classes == 1 and config.train.threshold != first[1].train.threshold:
+            raise MedsegError(
+                f"{first[0]} and {leaf} cut at different thresholds ({first[1].train.threshold}"
+                f" and {config.train.threshold}); an export of {source} holds one: ensemble "
+                f"models trained alike"
+            )
+    return model, config, provenance
+
+
+def _export_ensemble(
+    source: ModelSource, out: Path, *, format: str, overwrite: bool, quantize: str | None,
+    calibration, opset: int, calibration_paths: list[Path],
+) -> dict[str, Any]:  # fmt: skip
+    """Every member of ``source`` into ``out``: a safetensors folder each with ensemble.json, or
+    one ONNX graph averaging them. One member is in memory at a time for safetensors; the graph
+    needs them all."""
+    names = _member_names(source)
+    result = {"out": str(out), "format": format, "source": str(source), "folds": source.folds}
+    if format == "safetensors":
+        with staged_export(out, overwrite=overwrite) as staging:
+            members, described = _write_member_folders(staging, source, names)
+            _write_ensemble_card(staging, source, members, described)
+        folders = [f"{item['folder']}/" for item in described]
+        return {
+            **result,
+            "sha256": [item["sha256"] for item in described],
+            "files": [*folders, ENSEMBLE_NAME, "README.md"],
+        }
+    networks, members, described, first = [], [], [], None
+    for (leaf, share), (name, _, fold) in zip(source.leaves(), names, strict=True):
+        model, config, provenance = _load_member(source, leaf, first)
+        first = first or (leaf, config)
+        networks.append(model.eval().float())
+        members.append(EnsembleMember(name, "", share, provenance))
+        described.append(_member_entry(None, fold, share, provenance))
+    shares = [share for _, share in source.leaves()]
+    ensemble = OnnxEnsemble(members, described, networks, shares)
+    config, provenance = first[1], _ensemble_provenance(source, members)
+    with staged_export(out, overwrite=overwrite) as staging:
+        files, quantization = _write_onnx_folder(
+            staging, ProbabilityAverage(networks, shares), config, provenance,
+            tta=resolve_tta("auto", config), opset=opset, quantize=quantize,
+            calibration=calibration, calibration_paths=calibration_paths, ensemble=ensemble,
+        )  # fmt: skip
+    return {
+        **result,
+        "sha256": [item["sha256"] for item in described],
+        "files": [*files, META_NAME, "README.md"],
+        "quantization": quantization,
+    }
+
+
+def _write_member_folders(
+    staging: Path, source: ModelSource, names: list[tuple[str, str, int | None]]
+) -> tuple[list[EnsembleMember], list[dict[str, Any]]]:
+    """Each member as a safetensors export in its folder, loaded and written one at a time."""
+    members, described, first = [], [], None
+    for (leaf, share), (name, folder, fold) in zip(source.leaves(), names, strict=True):
+        model, config, provenance = _load_member(source, leaf, first)
+        first = first or (leaf, config)
+        save_pretrained(
+            model, staging / folder, config=config, provenance=provenance,
+            tta=resolve_tta("auto", config),
+        )  # fmt: skip
+        del model
+        members.append(EnsembleMember(name, folder, share, provenance))
+        described.append(_member_entry(folder, fold, share, provenance))
+    return members, described
+
+
+def _member_entry(folder: str | None, fold: int | None, share: float, provenance) -> dict:
+    """A member as ensemble.json (or medseg.json's "ensemble") lists it."""
+    entry = {"folder": folder} if folder else {}
+    return {**entry, "fold": fold, "share": share, "source": provenance.source,
+            "sha256": provenance.sha256}  # fmt: skip
+
+
+def _ensemble_provenance(source: ModelSource, members: list[EnsembleMember]) -> Provenance:
+    """The card's provenance of an ensemble; a k-fold run's evaluations of these very folds
+    (evaluation-<data>/ for all folds, evaluation-<data>-folds-0-2/ for folds 0 and 2)."""
+    run = RunFolder(source.path) if source.kind == KFOLD else None
+    provenance = Provenance.of_ensemble(members, given=str(source), run=run)
+    suffix = source.results_name("")
+    provenance.evaluations = [
+        summary
+        for summary in provenance.evaluations
+        if (summary["folder"].endswith(suffix) if suffix else "-folds-" not in summary["folder"])
+    ]
+    return provenance
+
+
+def _write_ensemble_card(
+    staging: Path, source: ModelSource, members: list[EnsembleMember], described: list[dict]
+) -> None:
+    """ensemble.json and the card of a safetensors ensemble (its members already written)."""
+    config = load_pretrained(staging / members[0].folder)[1]
+    folders = ", ".join(f"{member.folder}/" for member in members)
+    card = model_card(
+        config,
+        _ensemble_provenance(source, members),
+        files=f"{ENSEMBLE_NAME} (the members and their shares) and a folder per member "
+        f"({folders}), each a safetensors export (model.safetensors, config.json) for PyTorch",
+        tta=resolve_tta("auto", config),
+        usage=ENSEMBLE_USAGE.replace("MEMBER", members[0].folder),
+        ensemble=members,
+    )
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    description = ensemble_description(described, source=str(source))
+    (staging / ENSEMBLE_NAME).write_text(json.dumps(description, indent=2) + "\n", "utf-8")

@@ -68,13 +68,45 @@ class Provenance:
             best = max(rows, key=lambda row: row["val_dice"])
             self.best_epoch, self.best_val_dice = int(best["epoch"]), best["val_dice"]
             self.epochs_run = len(rows)
-        for summary in sorted(run.path.glob("evaluation-*/summary.json")):
-            try:
-                values = json.loads(summary.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError):
-                continue
-            if isinstance(values, dict) and "dice" in values:
-                self.evaluations.append({"folder": summary.parent.name, **values})
+        self.evaluations = _evaluations(run)
+
+    @classmethod
+    def of_ensemble(
+        cls, members: list[EnsembleMember], *, given: str, run: RunFolder | None
+    ) -> Provenance:
+        """An ensemble's: the data and hardware its first member records, the evaluations of
+        ``run`` (a k-fold run's folder, where the ensemble's own are written)."""
+        first = members[0].provenance
+        return cls(
+            source=given,
+            hardware=first.hardware,
+            data_root=first.data_root,
+            train_images=first.train_images,
+            evaluations=_evaluations(run) if run is not None else [],
+        )
+
+
+@dataclass
+class EnsembleMember:
+    """One model of an exported ensemble, as its card lists it."""
+
+    name: str  # "fold 0", or "member 1" for a model that is no fold
+    folder: str  # its folder in the export (fold_0/), or "" for one graph
+    share: float  # its weight in the average
+    provenance: Provenance
+
+
+def _evaluations(run: RunFolder) -> list[dict[str, Any]]:
+    """The summary.json of each evaluation-*/ folder in the run (those holding a Dice)."""
+    evaluations = []
+    for summary in sorted(run.path.glob("evaluation-*/summary.json")):
+        try:
+            values = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(values, dict) and "dice" in values:
+            evaluations.append({"folder": summary.parent.name, **values})
+    return evaluations
 
 
 def _metric_rows(run: RunFolder) -> list[dict[str, float]]:
@@ -101,8 +133,10 @@ def model_card(
     files: str,
     tta: str,
     usage: str,
+    ensemble: list[EnsembleMember] | None = None,
 ) -> str:
-    """README.md for an exported model; ``files`` and ``usage`` describe its format."""
+    """README.md for an exported model; ``files`` and ``usage`` describe its format. For an
+    ``ensemble``, the card names its members (each fold) and what each recorded."""
     labels = list(config.data.labels)
     binary = config.model.num_classes == 1
     task = "binary masks" if binary else f"{len(labels)} classes ({', '.join(labels)})"
@@ -130,12 +164,13 @@ def model_card(
         f"- Classes: {_classes(labels, binary)}.",
         f"- Recommended test-time augmentation: {tta} (what `--tta auto` runs).",
         f"- Files: {files}.",
+        *(_ensemble_lines(ensemble) if ensemble else []),
         "",
         "## Training",
         "",
         f"- Recipe: {_recipe(config)}.",
         f"- Data: {_training_data(provenance)}.",
-        f"- Validation: {_validation(provenance)}.",
+        f"- Validation: {_ensemble_validation(ensemble) if ensemble else _validation(provenance)}.",
         f"- Hardware: {provenance.hardware or 'not recorded in the checkpoint'}.",
         *_evaluation_lines(provenance.evaluations),
         "",
@@ -145,6 +180,39 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _ensemble_lines(members: list[EnsembleMember]) -> list[str]:
+    """The Model section's ensemble lines: how the members are averaged, then one per member."""
+    folds = [member.name for member in members if member.name.startswith("fold ")]
+    named = f"folds {', '.join(name.split()[1] for name in folds)}" if folds else "models"
+    lines = [
+        f"- Ensemble of {len(members)} {'folds' if folds else 'models'} ({named}): the "
+        "share-weighted mean of their probabilities (sigmoid or softmax), each after its own "
+        "test-time augmentation, cut or arg-maxed once averaged."
+    ]
+    for member in members:
+        provenance = member.provenance
+        where = f" in `{member.folder}/`" if member.folder else ""
+        digest = f", SHA-256 `{provenance.sha256}`" if provenance.sha256 else ""
+        lines.append(
+            f"  - {member.name}{where}, share {member.share:.4g}: from `{provenance.source}`"
+            f"{digest}; validation {_validation(provenance)}."
+        )
+    return lines
+
+
+def _ensemble_validation(members: list[EnsembleMember]) -> str:
+    dice = [m.provenance.best_val_dice for m in members if m.provenance.best_val_dice is not None]
+    if not dice:
+        return "each member on its own validation images, not recorded (see Model)"
+    mean = sum(dice) / len(dice)
+    spread = (sum((value - mean) ** 2 for value in dice) / max(1, len(dice) - 1)) ** 0.5
+    return (
+        f"each member on its own validation images (its fold's, for folds): best Dice "
+        f"{mean:.4f} ± {spread:.4f} (mean ± standard deviation over {len(dice)} members; "
+        f"each listed under Model)"
+    )
 
 
 def _model_lines(config: Config) -> list[str]:

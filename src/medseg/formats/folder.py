@@ -23,17 +23,28 @@ EXPORT_FILES = (
     "model.onnx",
     "model-fp32.onnx",
     "medseg.json",
+    "ensemble.json",
     "README.md",
 )
 # Descriptors are moved in last: a folder is only read as a model once its descriptor is there.
-DESCRIPTORS = ("config.json", "medseg.json")
+DESCRIPTORS = ("config.json", "medseg.json", "ensemble.json")
+# The folders an exported ensemble keeps its members in: the fold's, or the member's place.
+MEMBER_FOLDER = re.compile(r"^(fold|member)_\d+$")
 _STAGING = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.partial-export$")
 
 
 def existing_export(out: str | os.PathLike) -> list[Path]:
-    """The export files already in ``out`` (see `EXPORT_FILES`)."""
+    """The export files already in ``out`` (see `EXPORT_FILES`), and the member folders of an
+    exported ensemble (`MEMBER_FOLDER`, each holding export files)."""
     out = Path(out)
-    return [out / name for name in EXPORT_FILES if (out / name).exists()]
+    files = [out / name for name in EXPORT_FILES if (out / name).exists()]
+    with contextlib.suppress(OSError):
+        files += sorted(
+            child
+            for child in out.iterdir()
+            if MEMBER_FOLDER.match(child.name) and child.is_dir() and existing_export(child)
+        )
+    return files
 
 
 def check_export_folder(out: str | os.PathLike, *, overwrite: bool) -> None:
@@ -72,10 +83,15 @@ def staged_export(out: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
             return
         written = sorted(staging.iterdir(), key=lambda path: path.name in DESCRIPTORS)
         for path in written:
+            if path.is_dir() and (out / path.name).is_dir():  # an ensemble member's folder
+                shutil.rmtree(out / path.name)
             os.replace(path, out / path.name)
         for stale in existing_export(out):
             if stale.name not in {path.name for path in written}:
-                stale.unlink()
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
     except OSError as error:
         raise MedsegError(f"cannot write the export to {out}: {error.strerror or error}") from error
     finally:

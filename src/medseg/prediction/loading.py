@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -16,7 +15,7 @@ from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.runtime import Precision, select_device, select_precision
 from medseg.formats.onnx import load_onnx
 from medseg.formats.safetensors import CONFIG_NAME, load_pretrained
-from medseg.formats.source import ONNX, SAFETENSORS, resolve_source
+from medseg.formats.source import ONNX, SAFETENSORS, Checkpoint, ModelSource, resolve_source
 
 # What a Predictor runs: a float (N, C, H, W) batch, normalised, to logits (N, K, H, W).
 Network = Callable[[torch.Tensor], torch.Tensor]
@@ -30,9 +29,18 @@ class LoadedModel:
     precision: Precision
 
 
-def load_model(path: str | Path, *, device: str = "auto", precision: str = "auto") -> LoadedModel:
-    """The network ``path`` names (`medseg.formats.source.resolve_source`) with its config."""
+def load_model(
+    path: Checkpoint | ModelSource, *, device: str = "auto", precision: str = "auto"
+) -> LoadedModel:
+    """The network ``path`` names (`medseg.formats.source.resolve_source`) with its config;
+    one model, not an ensemble (whose members are loaded one by one, each by this)."""
     source = resolve_source(path)
+    if source.is_ensemble:
+        raise MedsegError(
+            f"{source} is {source.describe()}: load it with Predictor.from_checkpoint, which "
+            f"averages its members"
+        )
+    path = source.path
     if source.kind == ONNX:
         return _load_onnx(path, device=device, precision=precision)
     if source.kind == SAFETENSORS:

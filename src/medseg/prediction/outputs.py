@@ -271,10 +271,23 @@ def check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None
 def prediction_record(source: ModelSource, predictor: Predictor) -> dict:
     """What makes an output folder's masks what they are: the model file's SHA-256, and the
     settings as resolved ("auto" TTA as the mode that ran, the checkpoint's threshold unless one
-    was given). A resumed run keeps earlier masks only under the same record."""
+    was given). An ensemble's record lists every member's SHA-256, in the order averaged, with
+    its share and each member's TTA mode. A resumed run keeps earlier masks only under the same
+    record."""
+    if not source.is_ensemble:
+        return {
+            "checkpoint_sha256": file_sha256(source.weights),
+            "tta": predictor.tta,
+            "postprocess": predictor.postprocess,
+            "threshold": predictor.threshold,
+        }
+    leaves = source.leaves()
     return {
-        "checkpoint_sha256": file_sha256(source.weights),
+        "checkpoint_sha256": [file_sha256(leaf.weights) for leaf, _ in leaves],
+        "ensemble_shares": [share for _, share in leaves],
+        "folds": list(source.folds) or None,
         "tta": predictor.tta,
+        "member_tta": predictor.tta_modes,
         "postprocess": predictor.postprocess,
         "threshold": predictor.threshold,
     }

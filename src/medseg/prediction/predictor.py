@@ -7,11 +7,13 @@ threshold; a K-class model gives K probabilities per pixel, and the mask is thei
 label map of class indices). The network is a PyTorch module, or an exported model's
 onnxruntime session behind the same call (batch in, logits out: `medseg.formats.onnx`),
 so everything around it is the same code for both. What a ``--checkpoint`` names is decided
-by `medseg.formats.source.resolve_source`.
+by `medseg.formats.source.resolve_source`; an ensemble of several models is an
+`medseg.prediction.ensemble.EnsemblePredictor`, which `Predictor.from_checkpoint` returns for one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,58 +21,22 @@ import numpy as np
 import torch
 
 from medseg.config import Config
-from medseg.config.choices import DEFAULT_TTA, FLIPPING_AUGMENTATIONS, TTA_MODES
+from medseg.config.choices import DEFAULT_TTA
 from medseg.core.errors import MedsegError
 from medseg.data.io import to_channels
-from medseg.data.plan import augmentation_for
 from medseg.data.transforms import eval_transform, resize_probabilities
 from medseg.engine.runtime import CompiledOrEager, Precision
 from medseg.engine.sliding_window import sliding_window, tile_for_image
-from medseg.formats.source import CHECKPOINT, resolve_source
-from medseg.metrics import binarize
+from medseg.formats.source import CHECKPOINT, KFOLD, Checkpoint, ModelSource, resolve_source
+from medseg.prediction.ensemble import EnsemblePredictor
 from medseg.prediction.loading import Network, load_model
-from medseg.prediction.postprocess import keep_largest_component, keep_largest_components
+from medseg.prediction.segmenter import Segmenter, check_threshold, resolve_tta, tta_views
 
-
-def resolve_tta(mode: str, config: Config) -> str:
-    """The TTA mode to run: ``mode`` itself, or for "auto" "flip" when the checkpoint's training
-    pipeline (``config.data.augment``) flips images, else "none"."""
-    if mode == "auto":
-        augment = config.data.augment
-        if augment == "auto":  # a config never planned (built by hand): what training plans
-            augment = augmentation_for(config.data.labels)
-        return "flip" if augment in FLIPPING_AUGMENTATIONS else "none"
-    tta_views(mode)  # validate
-    return mode
-
-
-def tta_views(mode: str) -> list[tuple[int, bool]]:
-    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries.
-
-    ``mode`` is a resolved mode (see `resolve_tta`), not "auto".
-    """
-    if mode == "none":
-        return [(0, False)]
-    if mode == "flip":
-        return [(0, False), (0, True), (2, False), (2, True)]  # id, h-flip, 180° (=h+v), v-flip
-    if mode == "d4":
-        return [(turns, flip) for turns in range(4) for flip in (False, True)]
-    raise MedsegError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
-
-
-def check_threshold(threshold: float | None) -> None:
-    """Refuse a foreground threshold outside (0, 1); None (the checkpoint's own) passes."""
-    if threshold is None:
-        return
-    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise MedsegError(
-            f"threshold {threshold!r} is not a probability strictly between 0 and 1; "
-            f"pass e.g. --threshold 0.5, or leave it out to use the checkpoint's"
-        )
+__all__ = ["EnsemblePredictor", "Predictor", "check_threshold", "resolve_tta", "tta_views"]
 
 
 @dataclass
-class Predictor:
+class Predictor(Segmenter):
     """A trained model ready to segment uint8 images of any size, colour or gray.
 
     A binary model (``config.model.num_classes`` 1) gives foreground probabilities, cut at
@@ -92,15 +58,7 @@ class Predictor:
     tile_batch: int = 8  # tiles per network call for a patch-trained model (bounds its memory)
 
     def __post_init__(self):
-        check_threshold(self.threshold)
-        if self.multi_class and self.threshold is not None:
-            raise MedsegError(
-                f"threshold {self.threshold!r} applies to binary masks only; this checkpoint "
-                f"predicts {self.config.model.num_classes} classes by arg-max, so leave "
-                f"--threshold out"
-            )
-        if self.threshold is None and not self.multi_class:
-            self.threshold = self.config.train.threshold
+        self.settle_threshold(self.config.train.threshold)
         self.tta = resolve_tta(self.tta, self.config)
         # A patch-trained model sees each image at its own size, tile by tile.
         size = None if self.patches else self.config.data.image_size
@@ -126,7 +84,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        path: Checkpoint | ModelSource,
         *,
         device: str = "auto",
         precision: str = "auto",
@@ -134,16 +92,31 @@ class Predictor:
         postprocess: bool = False,
         compile: bool = False,
         threshold: float | None = None,
-    ) -> Predictor:
+        folds: Sequence[int] | None = None,
+    ) -> Predictor | EnsemblePredictor:
         """Load ``path``; ``threshold`` None: the checkpoint's.
 
         ``path`` is anything `medseg.formats.source.resolve_source` accepts: a .pt file or a
         run folder, a safetensors export (config.json and model.safetensors), or an ONNX export
         (its folder, or its .onnx file with medseg.json beside it), which runs through
-        onnxruntime on the CPU in float32.
+        onnxruntime on the CPU in float32. An ensemble (a k-fold run, of which ``folds``
+        chooses folds; an exported ensemble; a list of checkpoints) gives an
+        `EnsemblePredictor`: the same calls, its members' probabilities averaged.
         """
         check_threshold(threshold)  # before the seconds spent loading
-        loaded = load_model(path, device=device, precision=precision)
+        source = resolve_source(path, folds=folds)
+        if source.is_ensemble:
+
+            def member(leaf: ModelSource, mode: str) -> Predictor:
+                return cls.from_checkpoint(
+                    leaf, device=device, precision=precision, tta=mode, compile=compile
+                )
+
+            return EnsemblePredictor.from_source(
+                source, member, tta=tta, postprocess=postprocess, threshold=threshold,
+                compile=compile,
+            )  # fmt: skip
+        loaded = load_model(source, device=device, precision=precision)
         return cls(
             loaded.network, loaded.config, loaded.device, loaded.precision, tta=tta,
             postprocess=postprocess, compile=compile, threshold=threshold,
@@ -153,29 +126,21 @@ class Predictor:
     def from_pretrained(cls, path: str | Path, **options) -> Predictor:
         """A Predictor for an exported folder (safetensors or ONNX); ``options`` as for
         `from_checkpoint`."""
-        if resolve_source(path).kind == CHECKPOINT:
+        if resolve_source(path).kind in (CHECKPOINT, KFOLD):
             raise MedsegError(
-                f"{path} is not an exported medseg model (config.json and model.safetensors, or "
-                f"model.onnx and medseg.json); export one with medseg export, or load a .pt "
+                f"{path} is not an exported medseg model (config.json and model.safetensors, "
+                f"model.onnx and medseg.json, or ensemble.json); export one with medseg export, or load a .pt "
                 f"file or run folder with Predictor.from_checkpoint"
             )
         return cls.from_checkpoint(path, **options)
 
     @property
-    def multi_class(self) -> bool:
-        """True for a K-class model (softmax, label maps), False for a binary one (sigmoid)."""
-        return self.config.model.num_classes > 1
-
-    @property
-    def patches(self) -> bool:
-        """True for a model trained on patches (``data.mode=patch``): it predicts whole images
-        at their own size by `medseg.engine.sliding_window`, with TTA on each tile."""
-        return self.config.data.mode == "patch"
-
-    @property
-    def labels(self) -> list[str]:
-        """Class names by label value (``config.data.labels``); empty for binary masks."""
-        return list(self.config.data.labels)
+    def weight_bytes(self) -> int:
+        """Bytes of the network's weights in memory (an ONNX session's: its file's size)."""
+        if isinstance(self.model, torch.nn.Module):
+            return sum(tensor.nbytes for tensor in self.model.state_dict().values())
+        path = getattr(self.model, "path", None)
+        return path.stat().st_size if path is not None else 0
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """What the network is fed: float32 (N, C, S, S), resized to the checkpoint's size S
@@ -231,26 +196,6 @@ class Predictor:
         maps = sliding_window(run, batch, tile=tile, tile_batch=self.tile_batch)[0]
         maps = maps.cpu().numpy()
         return maps if self.multi_class else maps[0]
-
-    def masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Masks at each image's size: bool (H, W) for binary, uint8 (H, W) label maps for K
-        classes (see `to_mask`)."""
-        return [self.to_mask(probability) for probability in self.probabilities(images)]
-
-    def to_mask(self, probability: np.ndarray) -> np.ndarray:
-        """One output of `probabilities` as a mask: `binarize` or `label_map`."""
-        return self.label_map(probability) if self.multi_class else self.binarize(probability)
-
-    def binarize(self, probability: np.ndarray) -> np.ndarray:
-        """A bool (H, W) mask: foreground above the threshold; its largest region if postprocess."""
-        mask = binarize(probability, self.threshold)
-        return keep_largest_component(mask) if self.postprocess else mask
-
-    def label_map(self, probabilities: np.ndarray) -> np.ndarray:
-        """A uint8 (H, W) label map: the arg-max of (K, H, W) probabilities, taken at the image's
-        own size (never a resized label map); with postprocess, each class's largest region."""
-        labels = probabilities.argmax(0).astype(np.uint8)
-        return keep_largest_components(labels) if self.postprocess else labels
 
 
 def _orient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
