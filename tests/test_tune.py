@@ -176,3 +176,11 @@ def test_without_optuna_one_line_names_the_extra(synthetic_root, tmp_path, monke
     error = capsys.readouterr().err
     assert "pip install 'medseg[tune]'" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_under_torchrun_it_refuses_in_one_line(synthetic_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    command = ["tune", "--data", str(synthetic_root), "--out", str(tmp_path / "s"), "--trials", "1"]
+    assert cli.main(command) == 2
+    assert "without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

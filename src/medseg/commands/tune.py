@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ def tune(
     trials at the same epoch, from epoch 2 and after 3 finished trials).
     """
     optuna = require("optuna", extra="medseg[tune]", purpose="medseg tune")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would run a study of its own
+        raise MedsegError(
+            "medseg tune trains its trials one after another in one process; start it without "
+            "torchrun (each trial then uses the whole machine)"
+        )
     folder = Path(out)
     check_writable(folder)
     given = _given_settings(data, epochs, preset, config_file, overrides)
