@@ -242,6 +242,9 @@ def test_dicom_areas_in_square_millimetres_and_the_legend(kinds, tmp_path):
     dataset.PixelSpacing = [0.5, 0.25]
     dataset.save_as(path)
     served = ServedModel(checkpoint)
+    with served.lock:  # a request's options share the one network: no copy per request
+        view = served.predictor_for(tta="d4", postprocess=True)
+    assert view.model is served.predictor.model and view.tta == "d4"
     segmentation = served.segment(path)
     assert segmentation.spacing == (0.5, 0.25)
     assert segmentation.mask_name == "1.2.3.4.5_segmentation.png"  # as predict names it
