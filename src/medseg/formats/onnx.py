@@ -79,7 +79,8 @@ def load_onnx(path: str | os.PathLike) -> tuple[OnnxNetwork, Config, dict]:
     """The session, the config and the medseg.json of an ONNX export (see `onnx_paths`).
 
     A graph without its medseg.json, or one that does not fit it (other input channels, other
-    output classes), is refused in one line.
+    output classes), is refused in one line; so is a medseg.json whose description for other
+    runtimes (``input``, ``output``) contradicts its own config.
     """
     paths = onnx_paths(path)
     if paths is None:
@@ -106,7 +107,35 @@ def load_onnx(path: str | os.PathLike) -> tuple[OnnxNetwork, Config, dict]:
     config = config_from_saved(meta["config"], source=str(meta_path))
     session = open_session(model_path)
     _check_graph(session, config, model_path, meta_path)
+    _check_description(meta, config, meta_path)
     return OnnxNetwork(session, model_path), config, meta
+
+
+def described(config: Config) -> dict[str, object]:
+    """What medseg.json's ``input`` and ``output`` say of the network, by dotted key: written by
+    the export, checked against the config on load."""
+    labels = list(config.data.labels) or ["background", "foreground"]
+    return {
+        "input.channels": config.data.channels,
+        "input.size": [config.data.image_size] * 2,
+        "output.shape": ["batch", config.model.num_classes, "height", "width"],
+        "output.labels": labels,
+    }
+
+
+def _check_description(meta: dict, config: Config, meta_path: Path) -> None:
+    """Refuse a medseg.json whose ``input`` or ``output`` (what runtimes other than medseg
+    read) disagrees with its ``config`` (what medseg runs): one of them was edited. An entry
+    left out is not checked."""
+    for key, expected in described(config).items():
+        section, _, name = key.partition(".")
+        part = meta.get(section)
+        found = part.get(name) if isinstance(part, dict) else None
+        if found is not None and found != expected:
+            raise MedsegError(
+                f"{meta_path}: {key} is {found!r} but its config describes {expected!r} (the "
+                f"file was edited); export the model again with: medseg export --format onnx"
+            )
 
 
 def _check_graph(session, config: Config, model_path: Path, meta_path: Path) -> None:

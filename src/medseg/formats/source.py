@@ -28,8 +28,8 @@ from medseg.formats.ensemble import (
     kfold_count,
     read_ensemble,
 )
-from medseg.formats.onnx import onnx_paths
-from medseg.formats.safetensors import WEIGHTS_NAME, is_pretrained
+from medseg.formats.onnx import META_NAME, onnx_paths
+from medseg.formats.safetensors import CONFIG_NAME, WEIGHTS_NAME, is_pretrained
 
 CHECKPOINT = "checkpoint"  # a .pt file, or a run folder's best.pt
 SAFETENSORS = "safetensors"
@@ -162,6 +162,34 @@ def _single(path: Path, folds: Sequence[int] | None) -> ModelSource:
     if path.is_dir():
         # RunFolder names what the folder lacks, in one line.
         return ModelSource(CHECKPOINT, path, RunFolder(path).best_checkpoint(KINDS_HINT))
+    return _file_source(path)
+
+
+# Files medseg writes beside its models, which a --checkpoint may name by mistake.
+NOT_CHECKPOINTS = {
+    ".json": "a JSON file",
+    ".yaml": "a YAML file",
+    ".yml": "a YAML file",
+    ".csv": "a table",
+    ".safetensors": "a safetensors file without its config.json",
+    ".md": "a text file",
+    ".png": "an image",
+}
+
+
+def _file_source(path: Path) -> ModelSource:
+    """A file given as --checkpoint: a file of an export folder stands for the export (its
+    weights, config.json or medseg.json); a file that cannot be a checkpoint is named; any
+    other is taken as a .pt file, which `medseg.engine.checkpoint.load_checkpoint` checks."""
+    folder = path.parent
+    if path.name in (WEIGHTS_NAME, CONFIG_NAME) and is_pretrained(folder):
+        return ModelSource(SAFETENSORS, folder, folder / WEIGHTS_NAME)
+    onnx = onnx_paths(folder) if path.name == META_NAME else None
+    if onnx is not None:
+        return ModelSource(ONNX, folder, onnx[0])
+    kind = NOT_CHECKPOINTS.get(path.suffix.lower())
+    if kind is not None and path.is_file():
+        raise MedsegError(f"{path} is {kind}, not a model; --checkpoint takes {KINDS_HINT}")
     return ModelSource(CHECKPOINT, path, path)
 
 
