@@ -251,3 +251,22 @@ def test_the_onnx_ensemble_matches_the_pytorch_ensemble(kfold, tmp_path):
     expected = Predictor.from_checkpoint(run, **FP32).probabilities(images)
     for found, wanted in zip(graph.probabilities(images), expected, strict=True):
         np.testing.assert_allclose(found, wanted, rtol=0, atol=1e-4)
+
+
+def test_serve_holds_an_ensemble_as_one_model(kfold):
+    from medseg.cli import build_parser
+    from medseg.commands.serve.model import ServedModel
+    from medseg.formats.source import resolve_source
+
+    run, data, images = kfold
+    args = build_parser().parse_args(["serve", "--checkpoint", str(run), "--folds", "1"])
+    assert args.checkpoint == [str(run)] and args.folds == [1]
+    served = ServedModel(resolve_source(run, folds=[1]), precision="fp32")
+    assert served.describe()["kind"] == "kfold" and served.checkpoint == f"{run} (folds 1)"
+    image = sorted((data / "test" / "images").iterdir())[0]
+    segmentation = served.segment(image, tta="flip")
+    np.testing.assert_array_equal(
+        segmentation.probability, fold_probabilities(run, images[:1], 1)[0]
+    )
+    mask = served.mask(segmentation, threshold=0.3)  # a request's own threshold
+    np.testing.assert_array_equal(mask, segmentation.probability > 0.3)

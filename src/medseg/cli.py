@@ -773,10 +773,10 @@ def _add_serve(commands) -> None:
     parser = commands.add_parser(
         "serve", help="a local web page (and HTTP endpoint) that segments uploaded images"
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
+    _add_checkpoint_flags(
+        parser,
+        what="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors, "
+        "ONNX or an ensemble)",
     )
     parser.add_argument(
         "--host",
