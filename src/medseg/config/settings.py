@@ -112,6 +112,13 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "mps", "cuda", "cuda:1", ...
     compile: bool = False  # torch.compile the training network (slower on CPUs: README Performance)
     sync_bn: bool = False  # SyncBatchNorm across ranks (torchrun on GPUs); small per-GPU batches
+    # An exponential moving average of the weights (timm's convention), validated each epoch
+    # beside them; the better is kept as best.pt (medseg.engine.ema). Off until measured.
+    ema: bool = False
+    ema_decay: float = 0.999  # the average's decay per optimizer step (warmed up at the start)
+    # Wall-time limit of the run in seconds (--time-limit 60m), setup included; the epochs and
+    # the schedule are fitted to it (medseg.engine.budget). 0: none.
+    time_limit: float = 0.0
 
 
 @dataclass
@@ -206,6 +213,8 @@ RANGES = {
     ("train", "threshold"): PROBABILITY,
     ("train", "grad_clip"): NON_NEGATIVE,
     ("train", "seed"): Range(low=0, high=2**32 - 1),
+    ("train", "ema_decay"): PROBABILITY,
+    ("train", "time_limit"): NON_NEGATIVE,
 }
 
 

@@ -36,6 +36,8 @@ from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.drawing import plot_training_curves
+from medseg.engine import budget
+from medseg.engine.budget import TimeBudget, budget_spent
 from medseg.engine.checkpoint import (
     config_of_checkpoint,
     load_checkpoint,
@@ -44,6 +46,7 @@ from medseg.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from medseg.engine.ema import WeightAverage, best_checkpoint, kept_weights
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import (
     CompiledOrEager,
@@ -80,9 +83,9 @@ METRIC_COLUMNS = (
     "seconds",
 )
 
-# What --resume may change: neither alters what the finished epochs computed. More epochs
-# stretch the schedule from where the run stands.
-RESUMABLE_SETTINGS = ("train.epochs", "data.num_workers")
+# What --resume may change: none alters what the finished epochs computed. More epochs (or
+# a new time limit) stretch the schedule from where the run stands.
+RESUMABLE_SETTINGS = ("train.epochs", "data.num_workers", "train.time_limit")
 
 RETRY_ADVICE = "train again with a lower --lr (or --precision fp32, or --set train.grad_clip=1.0)"
 
@@ -151,17 +154,19 @@ def _train_epochs(
 ) -> None:  # fmt: skip
     settings = setup.config.train
     for epoch in range(state.epoch + 1, settings.epochs + 1):
-        if state.stopped_early(settings.patience):
-            break
-        row = setup.run_epoch(epoch, progress=progress)
+        if state.stopped_early(settings.patience) or epoch > state.budget.epochs:
+            break  # early stopping, or the time limit holds no more (medseg.engine.budget)
+        state.budget.begin_epoch(epoch)
+        row = setup.run_epoch(epoch, progress=progress, after_step=state.budget.after_step)
         improved = state.record(row)
+        state.budget.end_epoch()  # re-plans from what the epoch took, before last.pt keeps it
         checkpoint = state.state_dict()  # a collective under torchrun: every rank takes part
         if setup.ranks.is_main:
             if improved:
-                save_checkpoint(run.best, without_resume_state(checkpoint))
+                save_checkpoint(run.best, without_resume_state(best_checkpoint(checkpoint, row)))
             save_checkpoint(run.last, checkpoint)
             _write_history(run.path, state.history)
-            _report_epoch(row, settings.epochs, improved)
+            _report_epoch(row, state.budget.epochs, improved)
             if on_epoch is not None:
                 on_epoch(row)
 
@@ -244,6 +249,14 @@ def _nothing_left(run: RunFolder, checkpoint: dict[str, Any], config: Config) ->
             f"{config.train.patience} epochs; best {best:.4f}); nothing to do"
         )
         return True
+    if budget_spent(
+        checkpoint.get("budget"), config.train.time_limit, finished=state.epoch, planned=epochs
+    ):
+        print(
+            f"{run.path} ended at its time limit after epoch {state.epoch} (best validation Dice "
+            f"{best:.4f}); nothing to do; pass a longer --time-limit to train it further"
+        )
+        return True
     if state.epoch >= epochs:
         print(
             f"{run.path} has finished all {epochs} epochs (best validation Dice {best:.4f}); "
@@ -280,6 +293,8 @@ class TrainingSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
+    ema: WeightAverage | None = None  # train.ema: the moving average of the weights
+    started: float = 0.0  # budget.clock() when the setup began: a time limit counts from there
 
     @classmethod
     def build(
@@ -296,6 +311,7 @@ class TrainingSetup:
         nnU-Net raw root trains on its 2D slices (`medseg.data.layout.image_root`); the run
         records the root itself, so a resumed run finds the slices again.
         """
+        started = budget.clock()
         data_root = image_root(data_root)
         config = plan(config, data_root)
         settings = config.train
@@ -326,10 +342,18 @@ class TrainingSetup:
             scheduler=build_scheduler(optimizer, config, len(train_loader)),
             scaler=torch.amp.GradScaler(device.type, enabled=precision.scale_loss),
             loss_fn=build_loss(settings.loss, **loss_settings(settings)),
+            ema=WeightAverage(model, decay=settings.ema_decay) if settings.ema else None,
+            started=started,
         )
 
-    def run_epoch(self, epoch: int, *, progress: bool = False) -> dict[str, float]:
-        """Train one epoch, then validate; returns the epoch's row of metrics.csv."""
+    def run_epoch(
+        self, epoch: int, *, progress: bool = False, after_step: Callable[[], bool] | None = None
+    ) -> dict[str, float]:
+        """Train one epoch, then validate; returns the epoch's row of metrics.csv.
+
+        ``after_step`` is called after each optimizer step (and the moving average's update);
+        True stops the epoch there (a time limit, `medseg.engine.budget`).
+        """
         started = time.perf_counter()
         settings = self.config.train
         if epoch <= settings.freeze_backbone_epochs:
@@ -342,6 +366,7 @@ class TrainingSetup:
             scaler=self.scaler, loss_fn=self.loss_fn, device=self.device,
             precision=self.precision, epoch=epoch, grad_clip=settings.grad_clip,
             channels_last=settings.channels_last, progress=progress,
+            after_step=self._after_step(after_step),
         )  # fmt: skip
         average_buffers(self.model, self.ranks)
         val_loss, val_metrics = evaluate_loader(
@@ -361,6 +386,7 @@ class TrainingSetup:
             "val_accuracy": summary["accuracy"],
             "val_dice_pooled": summary["dice_pooled"],
             **self._class_dice(summary),
+            **self._validate_average(),
             "seconds": time.perf_counter() - started,
         }
         if not math.isfinite(row["val_loss"]):  # weights broken by the epoch's last step
@@ -369,13 +395,39 @@ class TrainingSetup:
             )
         return row
 
-    def validated_network(self) -> nn.Module:
-        """The model as validation runs it: whole images, or by sliding window in patch mode."""
+    def validated_network(self, model: nn.Module | None = None) -> nn.Module:
+        """The model (or ``model``: the moving average) as validation runs it: whole images,
+        or by sliding window in patch mode."""
+        model = self.model if model is None else model
         if self.config.data.mode != "patch":
-            return self.model
+            return model
         return SlidingWindow(
-            self.model, patch=self.config.data.image_size, tile_batch=self.config.train.batch_size
+            model, patch=self.config.data.image_size, tile_batch=self.config.train.batch_size
         )
+
+    def _after_step(self, then: Callable[[], bool] | None) -> Callable[[], bool]:
+        """What follows each optimizer step: the moving average's update, then ``then``."""
+
+        def after_step() -> bool:
+            if self.ema is not None:
+                self.ema.update(self.model)
+            return then is not None and then()
+
+        return after_step
+
+    def _validate_average(self) -> dict[str, float]:
+        """The moving average's validation Dice, ``{"val_dice_ema": ...}`` (none without it)."""
+        if self.ema is None:
+            return {}
+        average_buffers(self.ema.model, self.ranks)
+        _, metrics = evaluate_loader(
+            self.validated_network(self.ema.model), self.val_loader, loss_fn=self.loss_fn,
+            device=self.device, precision=self.precision, threshold=self.config.train.threshold,
+            labels=self.config.data.labels, channels_last=self.config.train.channels_last,
+        )  # fmt: skip
+        counts = all_gather_counts(metrics.counts, self.ranks)
+        summary = MetricAccumulator.from_counts(counts, classes=metrics.classes).summary()
+        return {"val_dice_ema": summary["dice"]}
 
     def _class_dice(self, summary: dict[str, Any]) -> dict[str, float]:
         """Each foreground class's validation Dice, for several classes (metrics.csv columns)."""
@@ -401,7 +453,7 @@ class TrainingSetup:
 
 
 # Checkpoint keys needed only to continue training; best.pt goes without them.
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "rank_rng")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "rank_rng", "ema", "budget")
 
 
 def without_resume_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -417,6 +469,11 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv's rows
     best_dice: float = -1.0
     epochs_without_improvement: int = 0
+    budget: TimeBudget | None = None  # the time limit's accounting (built from the setup)
+
+    def __post_init__(self) -> None:
+        if self.setup is not None and self.budget is None:
+            self.budget = time_budget(self.setup)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainingState:
@@ -426,11 +483,13 @@ class TrainingState:
         return state
 
     def record(self, row: dict[str, float]) -> bool:
-        """Add a finished epoch's row; True when its validation Dice is the best so far."""
-        improved = row["val_dice"] > self.best_dice
+        """Add a finished epoch's row; True when its validation Dice (of the weights, or of
+        their moving average where that is better) is the best so far."""
+        dice, _ = kept_weights(row)
+        improved = dice > self.best_dice
         self.epoch = int(row["epoch"])
         self.history.append(row)
-        self.best_dice = max(self.best_dice, row["val_dice"])
+        self.best_dice = max(self.best_dice, dice)
         self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
         return improved
 
@@ -454,6 +513,8 @@ class TrainingState:
             "scaler": setup.scaler.state_dict(),
             "rng": rank_rng[0],
             **({"rank_rng": rank_rng} if setup.ranks.distributed else {}),
+            **({"ema": setup.ema.state_dict()} if setup.ema is not None else {}),
+            "budget": self.budget.state_dict(),
         }
 
     def load_state_dict(
@@ -465,6 +526,9 @@ class TrainingState:
         setup.optimizer.load_state_dict(checkpoint["optimizer"])
         setup.scheduler.load_state_dict(checkpoint["scheduler"])
         setup.scaler.load_state_dict(checkpoint["scaler"])
+        if setup.ema is not None:
+            setup.ema.load_state_dict(checkpoint["ema"])
+        self.budget.load_state_dict(checkpoint.get("budget"))  # after the schedule's own state
         self._load_progress(checkpoint)
         # Each rank continues its own random stream (dropout) where the interruption left it.
         rank_rng = checkpoint.get("rank_rng", [])
@@ -496,8 +560,10 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     channels_last: bool = False,
     progress: bool = True,
+    after_step: Callable[[], bool] | None = None,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss."""
+    """One pass over `loader`; returns the mean training loss. Stops on a non-finite loss,
+    or where ``after_step`` (called after each optimizer step) returns True."""
     model.train()
     layout = memory_format(channels_last)
     # Reading the loss makes the host wait for the device. A GPU is read every few steps, so
@@ -528,6 +594,8 @@ def train_one_epoch(
                     f"the training loss became {mean} by epoch {epoch}, step {step}"
                 )
             bar.set_postfix(loss=f"{mean:.4f}")
+        if after_step is not None and after_step():
+            break
     return total.item() / max(steps, 1)
 
 
@@ -675,15 +743,42 @@ def build_scheduler(
     optimizer, config: Config, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     settings = config.train
-    total_steps = settings.epochs * steps_per_epoch
-    warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        return learning_rate_factor(
-            step, total_steps=total_steps, warmup_steps=warmup_steps, schedule=settings.schedule
-        )
-
+    factor = LearningRateSchedule(
+        total_steps=settings.epochs * steps_per_epoch,
+        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+        schedule=settings.schedule,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LearningRateSchedule:
+    """`learning_rate_factor` as LambdaLR's factor: an object, so that a time limit can refit
+    its ``total_steps`` (`medseg.engine.budget`) and LambdaLR saves them with its state."""
+
+    def __init__(self, *, total_steps: int, warmup_steps: int, schedule: str):
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+
+    def __call__(self, step: int) -> float:
+        return learning_rate_factor(
+            step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+        )  # fmt: skip
+
+
+def time_budget(setup: TrainingSetup) -> TimeBudget:
+    """The time limit's plan for ``setup`` (`medseg.engine.budget`; inert without a limit)."""
+    return TimeBudget(
+        limit=setup.config.train.time_limit,
+        epochs=setup.config.train.epochs,
+        steps_per_epoch=len(setup.train_loader),
+        validation_batches=len(setup.val_loader),
+        schedule=setup.scheduler.lr_lambdas[0],
+        started=setup.started,
+        ranks=setup.ranks,
+        on_cpu=setup.device.type == "cpu",
+    )
 
 
 def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
@@ -695,8 +790,10 @@ def _write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 def _report_epoch(row: dict[str, float], epochs: int, improved: bool) -> None:
+    average = f"  average's Dice {row['val_dice_ema']:.4f}" if "val_dice_ema" in row else ""
     print(
         f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f}  val loss "
-        f"{row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}  IoU {row['val_iou']:.4f}  "
+        f"{row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}  IoU {row['val_iou']:.4f}"
+        f"{average}  "
         f"({row['seconds']:.0f} s){'  best' if improved else ''}"
     )
