@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_allocator()
     try:
+        _settle_checkpoint(args)
         return args.handler(args)
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, f"interrupted; {_after_interrupt(args)}")
@@ -150,6 +151,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: 0, 1, 2, ... (a seed, a patience, a number of workers)."""
     return _whole_number(text, smallest=0, meaning="0 or more")
+
+
+def fold_numbers(text: str) -> list[int]:
+    """argparse type: fold numbers separated by commas, e.g. 0,2."""
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not fold numbers such as 0,2") from None
+    if any(number < 0 for number in numbers):
+        raise argparse.ArgumentTypeError(f"{text} is impossible; folds are numbered from 0")
+    return numbers
 
 
 def finite_float(text: str) -> float:
@@ -411,11 +423,43 @@ def _run_tune(args) -> int:
 # --- evaluate, predict, visualize -------------------------------------------------------------
 
 
-def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
+def _add_checkpoint_flags(parser, *, what: str) -> None:
+    """--checkpoint (repeated: an ensemble) and --folds; `_settle_checkpoint` resolves them."""
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
+        action="append",
+        help=f"{what}; a k-fold run (its folds ensembled); give it several times to ensemble "
+        "models of one task (their probabilities averaged)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=fold_numbers,
+        metavar="0,2",
+        help="the folds of a k-fold run to ensemble (default: all)",
+    )
+
+
+def _settle_checkpoint(args) -> None:
+    """Several --checkpoint, or --folds: resolved here into the one ensemble that the command's
+    handler takes as its checkpoint (`medseg.formats.source.resolve_source`)."""
+    given = getattr(args, "checkpoint", None)
+    if not isinstance(given, list):
+        return
+    folds = getattr(args, "folds", None)
+    if len(given) == 1 and folds is None:
+        args.checkpoint = given[0]
+        return
+    from medseg.formats.source import resolve_source
+
+    args.checkpoint = resolve_source(given, folds=folds)
+
+
+def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
+    _add_checkpoint_flags(
+        parser,
+        what="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors, "
+        "ONNX or an ensemble)",
     )
     parser.add_argument(
         "--tta",
@@ -614,10 +658,11 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _default_out(checkpoint: str, name: str) -> Path:
+def _default_out(checkpoint, name: str) -> Path:
     from medseg.formats.source import resolve_source
 
-    return resolve_source(checkpoint).run.path / name
+    source = resolve_source(checkpoint)
+    return source.run.path / source.results_name(name)
 
 
 # --- prepare, demo ------------------------------------------------------------------------------
@@ -689,7 +734,9 @@ def _add_export(commands) -> None:
     parser = commands.add_parser(
         "export", help="ship a checkpoint: safetensors (PyTorch) or ONNX, with a model card"
     )
-    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run folder")
+    _add_checkpoint_flags(
+        parser, what="a .pt checkpoint, a run folder, or a safetensors export to export again"
+    )
     parser.add_argument(
         "--format",
         default="safetensors",
@@ -760,10 +807,10 @@ def _add_serve(commands) -> None:
     parser = commands.add_parser(
         "serve", help="a local web page (and HTTP endpoint) that segments uploaded images"
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors or ONNX)",
+    _add_checkpoint_flags(
+        parser,
+        what="a .pt checkpoint, a run folder, or a folder medseg export wrote (safetensors, "
+        "ONNX or an ensemble)",
     )
     parser.add_argument(
         "--host",
