@@ -46,11 +46,9 @@ def fold_of(path: str | os.PathLike) -> int | None:
 
 
 def is_kfold_run(path: str | os.PathLike) -> bool:
-    """True for a folder with splits.json and at least one fold_<i>/ folder."""
-    path = Path(path)
-    if not (path / SPLITS_NAME).is_file():
-        return False
-    return any(FOLD_FOLDER.match(child.name) and child.is_dir() for child in path.iterdir())
+    """True for a folder with splits.json (written before any fold trains, so a run whose
+    folds have not finished an epoch yet is named as such, not as a folder without best.pt)."""
+    return (Path(path) / SPLITS_NAME).is_file()
 
 
 def kfold_count(run: Path) -> int:
