@@ -14,6 +14,7 @@ from PIL import Image
 import medseg
 from medseg.cli import main
 from medseg.commands.evaluate import (
+    BINARY_ONLY,
     PER_CLASS_TABLE,
     PER_IMAGE_COLUMNS,
     SUMMARY_TABLE,
@@ -482,7 +483,10 @@ def test_format_summary_prints_one_row_per_class_and_their_mean():
                   "sensitivity": 0.5, "specificity": 1.0},
     }  # fmt: skip
     lines = format_summary(summary).splitlines()
-    start = 2 + len(SUMMARY_TABLE) + 1  # the summary table, then a blank line
+    # The summary table without the binary task's rows (ISIC's thresholded Jaccard, the AUC),
+    # then a blank line.
+    start = 2 + len(SUMMARY_TABLE) - len(BINARY_ONLY) + 1
+    assert lines[start - 1] == ""
     assert lines[start].split() == [
         "class",
         "Dice",

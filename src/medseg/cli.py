@@ -528,10 +528,10 @@ def _add_evaluate(commands) -> None:
 
 def _run_evaluate(args) -> int:
     from medseg.api import evaluate
-    from medseg.commands.evaluate import format_summary
+    from medseg.commands.evaluate import format_summary, scored_name
     from medseg.data.layout import is_volume_root
 
-    out = args.out or _default_out(args.checkpoint, f"evaluation-{Path(args.data).name}")
+    out = args.out or _default_out(args.checkpoint, f"evaluation-{scored_name(args.data)}")
     if is_volume_root(args.data):
         return _run_evaluate_volumes(args, out)
     summary = evaluate(

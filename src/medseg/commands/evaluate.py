@@ -42,6 +42,7 @@ from medseg.prediction.predictor import Predictor
 from medseg.prediction.shards import Shards
 
 __all__ = [
+    "BINARY_ONLY",
     "PER_CLASS_TABLE",
     "PER_IMAGE_COLUMNS",
     "SUMMARY_TABLE",
@@ -66,6 +67,9 @@ SUMMARY_TABLE = (
     ("HD95, pixels (mean)", "hd95"),
     ("ASSD, pixels (mean)", "assd"),
 )
+# Rows for a binary (lesion) task only: ISIC 2018's challenge score, and the pixel AUC of the
+# foreground probability. A label map's table shows the means over its classes, and each class.
+BINARY_ONLY = ("thresholded_jaccard", "auc")
 # (heading, key of summary["per_class"][class]): the columns of the per-class table that
 # `format_summary` prints and the report shows for a multi-class summary.
 ROI_FOLDER = "fov"  # beside images/: used by evaluate_folder whenever it is there
@@ -311,9 +315,13 @@ def score_pair(
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of a summary, as printed by ``medseg evaluate``; a multi-class one
     (with ``per_class``) also gets a table with one row per class and their mean."""
-    width = max(len(label) for label, _ in SUMMARY_TABLE)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in _table_rows(summary)]
+    rows = _table_rows(summary)
+    heading = "metric"
+    if "per_class" in summary:
+        heading = f"metric (mean over the {len(summary['per_class'])} foreground classes)"
+    width = max(len(heading), *(len(label) for label, _ in rows))
+    lines = [f"{heading:<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{label:<{width}}  {summary[key]:.4f}" for label, key in rows]
     if "per_class" in summary:
         lines += ["", *_class_table(summary)]
     worst = ", ".join(f"{case['id']} ({case['dice']:.3f})" for case in summary["worst"])
@@ -324,8 +332,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The rows of `SUMMARY_TABLE` the summary holds (no AUC for a multi-class checkpoint)."""
-    return [(label, key) for label, key in SUMMARY_TABLE if key in summary]
+    """The rows of `SUMMARY_TABLE` the summary holds that fit its task: a multi-class summary
+    (with ``per_class``) leaves out the `BINARY_ONLY` rows."""
+    multi_class = "per_class" in summary
+    return [
+        (label, key)
+        for label, key in SUMMARY_TABLE
+        if key in summary and not (multi_class and key in BINARY_ONLY)
+    ]
 
 
 def _class_table(summary: dict[str, Any]) -> list[str]:

@@ -8,12 +8,13 @@ RUN/
   curves.png
   checkpoints/last.pt    every epoch (for --resume)
   checkpoints/best.pt    best validation Dice
-  .medseg.lock           held by the process training into RUN
+  .medseg.lock           while a process trains into RUN
 ```
 
 A folder belongs to one process at a time: `claim` takes an exclusive ``flock`` on the lock
-file for the run's whole life. The kernel drops the lock when its process dies, however it dies,
-so a lock file left by a killed run is simply taken over.
+file for the run's whole life and removes the file when the run ends, so a finished run folder
+holds only results. The kernel drops the lock when its process dies, however it dies, so a lock
+file left by a killed run is simply taken over.
 """
 
 from __future__ import annotations
@@ -125,22 +126,47 @@ class RunFolder:
         if fcntl is None:
             yield
             return
-        try:
-            handle = open(self.lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
-        except OSError as error:
-            raise MedsegError(f"cannot write to {self.path}: {error.strerror}") from error
+        for _ in range(3):
+            handle = self._locked_handle()
+            if self._holds(handle):
+                break
+            handle.close()  # it locked a file that a run ending just then removed: again
+        else:
+            raise MedsegError(f"{self.path} keeps changing hands; run the command again")
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                owner = handle.read().strip() or "another process"
-                raise MedsegError(
-                    f"{self.path} is in use by another medseg run ({owner}); wait for it to "
-                    f"finish, or choose another --out"
-                ) from None
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             handle.flush()
-            yield  # closing the handle releases the lock
+            try:
+                yield
+            finally:
+                # Removed while still locked, so a finished run folder holds only results; a
+                # process that opened the file just before finds, by `_holds`, that it is gone.
+                self.lock_file.unlink(missing_ok=True)
+        # closing the handle released the lock
+
+    def _locked_handle(self):
+        """The lock file, open and exclusively locked; a run that holds it is named."""
+        try:
+            handle = open(self.lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run)
+        except OSError as error:
+            raise MedsegError(f"cannot write to {self.path}: {error.strerror}") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise MedsegError(
+                f"{self.path} is in use by another medseg run ({owner}); wait for it to "
+                f"finish, or choose another --out"
+            ) from None
+        return handle
+
+    def _holds(self, handle) -> bool:
+        """Whether the locked ``handle`` is still the file at ``lock_file``."""
+        try:
+            return os.stat(self.lock_file).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            return False

@@ -444,7 +444,8 @@ class TrainingSetup:
         else:
             images, shape = len(training), f"at {size}×{size}"
         print(
-            f"training DeepLabv3+ ({model.backbone}, {model.variant} variant) on {self.device} in "
+            # The network by its flag: "seed variant" was read as the recipe --preset seed.
+            f"training DeepLabv3+ ({model.backbone}, --variant {model.variant}) on {self.device} in "
             f"{self.precision.name}; {describe_classes(self.config)} {shape}; "
             f"{images} training / "
             f"{len(self.val_loader.dataset)} validation images; {self.config.train.epochs} epochs"

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from medseg.core.progress import progress_bar
 from medseg.engine.runtime import Precision
 from medseg.metrics import MetricAccumulator, binarize, foreground_classes
 
@@ -44,7 +44,7 @@ def evaluate_loader(
     metrics = MetricAccumulator(classes=foreground_classes(labels))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for batch in tqdm(loader, desc="validating", leave=False, disable=not progress):
+    for batch in progress_bar(loader, desc="validating", leave=False, enabled=progress):
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
         masks = batch["mask"].to(device, non_blocking=True)
         with precision.autocast(device):
