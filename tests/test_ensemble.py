@@ -270,3 +270,44 @@ def test_serve_holds_an_ensemble_as_one_model(kfold):
     )
     mask = served.mask(segmentation, threshold=0.3)  # a request's own threshold
     np.testing.assert_array_equal(mask, segmentation.probability > 0.3)
+
+
+def test_a_multi_class_ensemble_averages_softmax_and_exports_as_one_graph(tmp_path):
+    overrides = {
+        "model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64,
+        "data.labels": ["background", "a", "b"], "model.num_classes": 3, "data.channels": 1,
+        "model.in_channels": 1, "data.augment": "anatomy",
+    }  # fmt: skip
+    config = build_config(overrides=overrides)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = DeepLabV3Plus.from_config(config.model)
+        paths.append(tmp_path / f"model-{seed}.pt")
+        state = {"config": config.to_dict(), "model": model.state_dict(), "epoch": 1}
+        save_checkpoint(paths[-1], {**state, "metrics": {}})
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (50, 70), dtype=np.uint8), rng.integers(0, 256, (64, 64, 1))]
+    images = [image.astype(np.uint8) for image in images]
+    options = {"precision": "fp32", "tta": "auto"}  # "auto": none for the anatomy recipe
+    each = [Predictor.from_checkpoint(path, **options).probabilities(images) for path in paths]
+    ensemble_predictor = Predictor.from_checkpoint([str(path) for path in paths], **options)
+    assert ensemble_predictor.tta == "none" and ensemble_predictor.threshold is None
+    averaged = ensemble_predictor.probabilities(images)
+    for found, first, second in zip(averaged, *each, strict=True):
+        assert found.shape == (3, *first.shape[1:])
+        np.testing.assert_allclose(found, (first + second) / 2, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(found.sum(0), 1, atol=1e-5)
+    for mask, found in zip(ensemble_predictor.masks(images), averaged, strict=True):
+        np.testing.assert_array_equal(mask, found.argmax(0))
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    command = ["export", "--checkpoint", str(paths[0]), "--checkpoint", str(paths[1])]
+    assert main([*command, "--format", "onnx", "--out", str(out)]) == 0
+    described = json.loads((out / "medseg.json").read_text())["ensemble"]
+    assert [member["share"] for member in described] == [0.5, 0.5]
+    assert "Ensemble of 2 models" in (out / "README.md").read_text()
+    graph = Predictor.from_pretrained(out, **options).probabilities(images)
+    for found, wanted in zip(graph, averaged, strict=True):
+        np.testing.assert_allclose(found, wanted, rtol=0, atol=1e-4)
