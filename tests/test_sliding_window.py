@@ -120,9 +120,11 @@ def test_memory_follows_the_tiles_not_the_image():
         )
         for side in (512, 4096)
     }
-    # The 4096² image's input (192 MiB), sum and weights (64 MiB each) and the result: nothing
-    # that grows with the number of tiles (961 here, 9 for 512²).
-    assert peaks[4096] - peaks[512] < 700, peaks
+    # The 4096² image's input (192 MiB) and its sum, divided in place into the result (64 MiB;
+    # 269 MiB measured in all on an AMD EPYC): nothing that grows with the number of tiles (961
+    # here, 9 for 512²). That no other whole-image buffer is made is checked exactly, op by op,
+    # in tests/test_images.py.
+    assert peaks[4096] - peaks[512] < 400, peaks
 
 
 def test_tiles_are_half_again_the_patch_within_the_image():

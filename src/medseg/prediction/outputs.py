@@ -235,13 +235,19 @@ def write_outputs(
 
 
 def mask_pixels(mask: np.ndarray, *, multi_class: bool) -> np.ndarray:
-    """The uint8 (H, W) a mask file holds: a label map's class indices, a binary mask as 0/255."""
-    return mask if multi_class else (mask * 255).astype(np.uint8)
+    """The uint8 (H, W) a mask file holds: a label map's class indices, a binary mask as 0/255
+    (made as uint8 directly: ``mask * 255`` would be int64, 648 MB for a 9000² image)."""
+    return mask if multi_class else np.where(mask, np.uint8(255), np.uint8(0))
 
 
 def probability_pixels(probability: np.ndarray) -> np.ndarray:
-    """A binary model's foreground probability (H, W) as the uint8 of its PNG: × 255, rounded."""
-    return np.round(probability * 255).astype(np.uint8)
+    """A binary model's foreground probability (H, W) as the uint8 of its PNG: × 255, rounded,
+    a band of rows at a time (no float copy of the whole map)."""
+    pixels = np.empty(probability.shape, np.uint8)
+    band = max(1, (1 << 20) // max(1, probability.shape[-1]))
+    for top in range(0, len(probability), band):
+        pixels[top : top + band] = np.round(probability[top : top + band] * 255)
+    return pixels
 
 
 def check_earlier_results(output: Path, record: dict, masks: list[Path]) -> None:
