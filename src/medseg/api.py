@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.commands.crossval import cross_validate
 from medseg.commands.evaluate import evaluate_folder, format_summary, score_pair
 from medseg.commands.export import export as export_model
 from medseg.commands.predict import predict as predict_files
@@ -32,6 +33,8 @@ from medseg.data.io import read_image, read_target
 from medseg.data.layout import image_root, is_nifti, is_volume_root
 from medseg.data.plan import plan
 from medseg.drawing import save_prediction_figure
+from medseg.engine.folds import KFoldRun
+from medseg.engine.tracking import check_loggers
 from medseg.engine.train import fit
 from medseg.formats import safetensors
 from medseg.formats.source import Checkpoint, ModelSource, resolve_source
@@ -51,22 +54,59 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    folds: int | None = None,
+    fold: int | None = None,
+    log: tuple[str, ...] | list[str] = (),
+    images_every: int | None = None,
 ) -> dict[str, Any]:
     """Train on ``data`` (a root with train/) into the run folder ``out``; returns a summary.
 
     ``resume=True`` continues the run in ``out`` with its own settings; ``overrides`` may then
-    only raise ``train.epochs`` or change ``data.num_workers``.
+    only raise ``train.epochs`` or change ``data.num_workers``. ``folds`` (K ≥ 2) makes ``out``
+    a k-fold cross-validation run (`medseg.commands.crossval.cross_validate`, whose summary it
+    returns), ``fold`` trains one of its folds only. ``log``: "tensorboard" and/or "mlflow"
+    beside each run's train.log, with validation images every ``images_every`` epochs.
     """
+    log = tuple(log)
+    check_loggers(log)  # a missing package is said now, not after the data is read
+    logging = {"log": log, "images_every": images_every}
     if resume:
         if preset != "default" or config_file is not None or config is not None or overwrite:
             raise MedsegError(
                 f"--resume continues {out} with the settings it was started with; a preset, "
                 f"a config file or --overwrite cannot apply (start a new run with --out instead)"
             )
-        return fit(None, data, out, resume=True, progress=progress, changes=overrides)
+        out, fold = _kfold_target(out, fold)
+        if folds is not None or fold is not None or KFoldRun.holds(out):
+            return cross_validate(
+                None, data, out, folds=folds, fold=fold, resume=True, progress=progress,
+                changes=overrides, **logging,
+            )  # fmt: skip
+        return fit(None, data, out, resume=True, progress=progress, changes=overrides, **logging)
     if config is None:
         config = build_config(preset=preset, config_file=config_file, overrides=overrides)
-    return fit(config, data, out, overwrite=overwrite, progress=progress)
+    if folds is not None or fold is not None:
+        return cross_validate(
+            config, data, out, folds=folds, fold=fold, overwrite=overwrite, progress=progress,
+            **logging,
+        )  # fmt: skip
+    if KFoldRun.holds(out):
+        raise MedsegError(
+            f"{out} is a k-fold run (it has splits.json); train its folds with --folds K or "
+            f"--fold N, continue it with --resume {out}, or choose another --out"
+        )
+    return fit(config, data, out, overwrite=overwrite, progress=progress, **logging)
+
+
+def _kfold_target(out: str | Path, fold: int | None) -> tuple[str | Path, int | None]:
+    """--resume RUN/fold_1 continues fold 1 of the k-fold run RUN (on that fold's split)."""
+    found = KFoldRun.of_fold(out)
+    if found is None:
+        return out, fold
+    run, index = found
+    if fold is not None and fold != index:
+        raise MedsegError(f"--resume {out} continues fold {index}; drop --fold {fold}")
+    return run.path, index
 
 
 def evaluate(

@@ -98,6 +98,11 @@ def _after_interrupt(args) -> str:
     """What an interrupted command kept, and how to go on (every write is atomic: no half files)."""
     if args.command == "train":
         run = args.resume or args.out
+        if args.folds or args.fold is not None or Path(run, "splits.json").is_file():
+            return (
+                f"the epochs finished so far are saved in each fold's checkpoints/last.pt in "
+                f"{run}; continue with: medseg train --resume {run}"
+            )
         return (
             f"the epochs finished so far are saved in {run}/checkpoints/last.pt; "
             f"continue with: medseg train --resume {run}"
@@ -162,6 +167,11 @@ def fold_numbers(text: str) -> list[int]:
     if any(number < 0 for number in numbers):
         raise argparse.ArgumentTypeError(f"{text} is impossible; folds are numbered from 0")
     return numbers
+
+
+def fold_count(text: str) -> int:
+    """argparse type: the K of k-fold cross-validation, 2 or more."""
+    return _whole_number(text, smallest=2, meaning="2 or more (folds of train/)")
 
 
 def finite_float(text: str) -> float:
@@ -288,42 +298,69 @@ def _add_train(commands) -> None:
         metavar="KEY=VALUE",
         help="any setting, e.g. train.warmup_epochs=2",
     )
+    _add_cross_validation_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run_train)
+
+
+def _add_cross_validation_flags(parser) -> None:
+    """--folds, --fold (k-fold runs) and --log (trackers beside every run's train.log)."""
+    parser.add_argument(
+        "--folds",
+        type=fold_count,
+        metavar="K",
+        help="k-fold cross-validation of train/: splits.json, fold_0/ ... fold_{K-1}/, "
+        "cv_summary.json in the run folder",
+    )
+    parser.add_argument(
+        "--fold",
+        type=non_negative_int,
+        metavar="N",
+        help="train fold N only (folds on several machines or days); the summary comes once "
+        "all have finished",
+    )
+    parser.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=choices.TRACKERS,
+        help="also log each epoch to TensorBoard (RUN/tensorboard) or MLflow (./mlruns, or "
+        "MLFLOW_TRACKING_URI); may be given twice",
+    )
+    parser.add_argument(
+        "--log-images-every",
+        type=non_negative_int,
+        metavar="N",
+        help="validation images to --log every N epochs and the last (default 5; 0: none)",
+    )
 
 
 def _run_train(args) -> int:
     from medseg.api import train
     from medseg.engine.run_folder import RunFolder
 
+    common = {
+        "preset": args.preset, "config_file": args.config, "overrides": _train_overrides(args),
+        "overwrite": args.overwrite, "progress": not args.quiet, "folds": args.folds,
+        "fold": args.fold, "log": args.log, "images_every": args.log_images_every,
+    }  # fmt: skip
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise MedsegError(
                 f"--resume {args.resume} continues that run in its own folder; drop --out {args.out}"
             )
-        summary = train(
-            data=args.data or RunFolder(args.resume).data_root(),
-            out=args.resume,
-            resume=True,
-            preset=args.preset,
-            config_file=args.config,
-            overrides=_train_overrides(args),
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
+        data = args.data or RunFolder(args.resume).data_root()
+        summary = train(data=data, out=args.resume, resume=True, **common)
     else:
         if not args.data:
             raise MedsegError("medseg train needs --data DATA_ROOT (or --resume RUN_DIR)")
-        summary = train(
-            data=args.data,
-            out=args.out or _new_run_folder(),
-            preset=args.preset,
-            config_file=args.config,
-            overrides=_train_overrides(args),
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
+        summary = train(data=args.data, out=args.out or _new_run_folder(), **common)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: one line, not one per process
+        return 0
+    if "folds" in summary:  # a k-fold run: its table was printed once every fold finished
+        finished = f"{len(summary['finished'])} of {summary['folds']} folds finished"
+        print(f"{finished}; k-fold run folder: {summary['run']}")
+    else:
         print(f"best validation Dice {summary['best_val_dice']:.4f}; run folder: {summary['run']}")
     return 0
 

@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_folder",
     "format_summary",
     "score_pair",
+    "score_samples",
     "scored_name",
 ]
 
@@ -296,6 +297,17 @@ def _score_pairs(
             if auc is not None:
                 auc.add(probabilities[index], mask.astype(bool), roi=roi)
     return metrics, auc
+
+
+def score_samples(
+    predictor: Predictor, pairs: list[Sample], *, labels: tuple[str, ...], batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[MetricAccumulator, PixelAUC | None]:  # fmt: skip
+    """Predict ``pairs`` and score each at its mask's own size, as `evaluate_folder` does (no
+    ROI): the per-image metrics and, for a binary checkpoint, the pixel AUC. ``labels``: what
+    to read the masks with (`target_labels`)."""
+    reading = {"channels": predictor.config.data.channels, "labels": labels}
+    return _score_pairs(predictor, pairs, None, batch_size=batch_size, progress=progress, **reading)
 
 
 def score_pair(

@@ -46,6 +46,9 @@ DEVICE_FORMS = "auto, cpu, mps, cuda or cuda:N (N: a GPU's index, e.g. cuda:0)"
 TTA_MODES = ("auto", "none", "flip", "d4")
 DEFAULT_TTA = "auto"
 
+# Training's loggers beside train.log (medseg.engine.tracking): --log, each an extra.
+TRACKERS = ("tensorboard", "mlflow")
+
 # Export (medseg.commands.export).
 EXPORT_FORMATS = ("safetensors", "onnx")
 QUANTIZATIONS = ("int8",)

@@ -4,17 +4,20 @@ A tqdm bar redraws itself with carriage returns several times a second: on a ter
 one line that moves, but written to a file or a pipe (a job's log, ``| tee``) every frame stays,
 and a long run's log fills with thousands of them. `progress_bar` gives tqdm where stderr is a
 terminal, and elsewhere `LineProgress`, which prints a line at most every ``interval`` seconds
-and one at the end.
+and one at the end. While the console is recorded (a run's ``train.log``, `medseg.core.console`),
+a terminal's bar also writes those lines into the log, which keeps none of tqdm's redraws.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm import tqdm
+
+from medseg.core import console
 
 LOG_INTERVAL_S = 30.0  # a line per half minute keeps an hour's run to about 120 lines
 
@@ -35,6 +38,8 @@ def progress_bar(
     line printer skips its final line).
     """
     if enabled and _stderr_is_terminal():
+        if console.is_recording():
+            return _LoggedTqdm(iterable, desc=desc, total=total, leave=leave)
         return tqdm(iterable, desc=desc, total=total, leave=leave)
     return LineProgress(iterable, desc=desc, total=total, enabled=enabled, leave=leave)
 
@@ -46,13 +51,36 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
+class _LoggedTqdm(tqdm):
+    """A terminal's tqdm bar that also writes `LineProgress` lines into the console's log."""
+
+    def __init__(self, iterable=None, *, desc: str, total: int | None, leave: bool):
+        super().__init__(iterable, desc=desc, total=total, leave=leave)
+        self.log = LineProgress(desc=desc, total=self.total, leave=leave, write=console.log_line)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        self.log.update(self.n - self.log.n)
+        return shown
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **values) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **values)
+        self.log.set_postfix(ordered_dict, **values)
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "log"):  # tqdm closes a bar whose __init__ failed, too
+            self.log.update(self.n - self.log.n)
+            self.log.close()
+
+
 class LineProgress:
     """Counts progress and writes ``desc: 40/160 (25%)`` lines to stderr, sparingly.
 
     A line is written when ``interval`` seconds have passed since the last one (the first after
     ``interval`` seconds), and a last one at the end (when the iteration finishes or on
     ``close()``) unless ``leave`` is False or it would repeat the line before. Nothing is written
-    when not ``enabled``.
+    when not ``enabled``. ``write`` takes each line (default: print it to stderr).
     """
 
     def __init__(
@@ -64,6 +92,7 @@ class LineProgress:
         enabled: bool = True,
         leave: bool = True,
         interval: float = LOG_INTERVAL_S,
+        write: Callable[[str], None] | None = None,
     ):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
@@ -78,6 +107,7 @@ class LineProgress:
         self.closed = False
         self.last_line_at = time.monotonic()
         self.last_line = ""
+        self.write = write or _print_to_stderr
 
     def __len__(self) -> int:
         if self.total is None:
@@ -129,4 +159,8 @@ class LineProgress:
         self.last_line_at = time.monotonic()
         self.last_line = self.line()
         if self.enabled:
-            print(self.last_line, file=sys.stderr, flush=True)
+            self.write(self.last_line)
+
+
+def _print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

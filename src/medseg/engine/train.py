@@ -24,16 +24,18 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
+from medseg.core.console import records_console
 from medseg.core.errors import MedsegError
 from medseg.core.files import check_writable, write_csv
 from medseg.core.progress import progress_bar
 from medseg.data.cache import cache_layout, prepare
 from medseg.data.device_augment import DEVICE_PIPELINES, DeviceBatches
-from medseg.data.folder import SegmentationFolder, train_val_samples
+from medseg.data.folder import SegmentationFolder, train_pairs, train_val_samples
 from medseg.data.layout import image_root
 from medseg.data.patches import PatchFolder, patches_per_image
 from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
+from medseg.data.splits import Split, fold_samples
 from medseg.data.transforms import eval_transform, train_transform
 from medseg.drawing import plot_training_curves
 from medseg.engine import budget
@@ -66,6 +68,7 @@ from medseg.engine.runtime import (
     sync_batchnorm,
 )
 from medseg.engine.sliding_window import SlidingWindow
+from medseg.engine.tracking import Tracker, tracked
 from medseg.engine.validation import evaluate_loader
 from medseg.losses import build_loss
 from medseg.metrics import MetricAccumulator
@@ -99,6 +102,7 @@ class TrainingDiverged(Exception):
 
 
 @releases_process_group
+@records_console  # train.log: the console from the command's first line (engine.tracking)
 def fit(
     config: Config | None,
     data_root: str | Path,
@@ -109,6 +113,9 @@ def fit(
     progress: bool = True,
     changes: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    split: Split | None = None,
+    log: tuple[str, ...] = (),
+    images_every: int | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``data_root`` into the run folder ``out_dir``; return a summary.
 
@@ -116,6 +123,9 @@ def fit(
     was started with (``config`` is ignored; ``changes`` may set `RESUMABLE_SETTINGS`).
     ``on_epoch`` is called on rank 0 with each finished epoch's row of metrics.csv, once the
     epoch is saved; it may stop training by raising (`medseg tune` prunes trials so).
+    ``split`` (one fold of a k-fold run, `medseg.engine.folds`) names the ids of ``train/`` to
+    train and validate on. ``log`` names loggers beside train.log ("tensorboard", "mlflow"),
+    with validation images every ``images_every`` epochs (`medseg.engine.tracking`).
     """
     run = RunFolder(out_dir)
     if resume:
@@ -128,8 +138,9 @@ def fit(
     check_writable(run.path)  # before the data is read: fail in seconds, not after an epoch
 
     setup = TrainingSetup.build(
-        config, data_root, pretrained=None if checkpoint is None else False, progress=progress
-    )
+        config, data_root, pretrained=None if checkpoint is None else False, progress=progress,
+        split=split,
+    )  # fmt: skip
     config = setup.config  # as planned from the data
     state = TrainingState(setup)
     if checkpoint is not None:
@@ -141,15 +152,20 @@ def fit(
                 run.refuse_to_overwrite(overwrite)  # again: a run may have finished meanwhile
             _start(run, config, data_root, state)
             setup.announce()
-        try:
-            _train_epochs(setup, state, run, progress=progress and is_main, on_epoch=on_epoch)
-        except TrainingDiverged as diverged:
-            raise MedsegError(f"{diverged}; {_after_divergence(run, state)}") from None
+        logging = {"log": log, "images_every": images_every, "resumed": resume}
+        with tracked(run, setup, state, enabled=is_main, **logging) as tracker:
+            try:
+                _train_epochs(
+                    setup, state, run, progress=progress and is_main, tracker=tracker,
+                    on_epoch=on_epoch,
+                )  # fmt: skip
+            except TrainingDiverged as diverged:
+                raise MedsegError(f"{diverged}; {_after_divergence(run, state)}") from None
     return _summary(run, state)
 
 
 def _train_epochs(
-    setup: TrainingSetup, state: TrainingState, run: RunFolder, *, progress,
+    setup: TrainingSetup, state: TrainingState, run: RunFolder, *, progress, tracker: Tracker,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> None:  # fmt: skip
     settings = setup.config.train
@@ -167,6 +183,7 @@ def _train_epochs(
             save_checkpoint(run.last, checkpoint)
             _write_history(run.path, state.history)
             _report_epoch(row, state.budget.epochs, improved)
+            tracker.epoch(row, setup)
             if on_epoch is not None:
                 on_epoch(row)
 
@@ -221,10 +238,10 @@ def resume_point(run: RunFolder, changes: dict[str, Any]) -> tuple[dict[str, Any
             f"there is no run to resume in {run.path} ({what}: it has neither "
             f"checkpoints/last.pt nor config.yaml); start one with --data and --out"
         )
-    return checkpoint, _with_changes(config, changes, run)
+    return checkpoint, with_changes(config, changes, run)
 
 
-def _with_changes(config: Config, changes: dict[str, Any], run: RunFolder) -> Config:
+def with_changes(config: Config, changes: dict[str, Any], run: RunFolder) -> Config:
     refused = sorted(set(changes) - set(RESUMABLE_SETTINGS))
     if refused:
         raise MedsegError(
@@ -304,8 +321,10 @@ class TrainingSetup:
         *,
         pretrained: bool | str | None = None,
         progress: bool = True,
+        split: Split | None = None,
     ) -> TrainingSetup:
-        """Set up training; ``pretrained`` overrides the config's (False when resuming).
+        """Set up training; ``pretrained`` overrides the config's (False when resuming), ``split``
+        chooses a fold's training and validation ids of ``train/`` (`medseg.data.splits`).
 
         Settings the config leaves to the data are planned first (`medseg.data.plan`). An
         nnU-Net raw root trains on its 2D slices (`medseg.data.layout.image_root`); the run
@@ -320,7 +339,7 @@ class TrainingSetup:
         precision = select_precision(settings.precision, device)
         seed_everything(settings.seed + ranks.rank, deterministic=settings.deterministic)
         train_loader, val_loader = build_loaders(
-            config, data_root, ranks, device, progress=progress and ranks.is_main
+            config, data_root, ranks, device, progress=progress and ranks.is_main, split=split
         )
         config = planned_epochs(config, steps_per_epoch=len(train_loader))
         model = DeepLabV3Plus.from_config(config.model, pretrained=pretrained)
@@ -604,12 +623,21 @@ def train_one_epoch(
 # The parts TrainingSetup builds
 
 
-def build_loaders(config: Config, data_root, ranks: Ranks, device: torch.device, *, progress: bool):
-    """Training and validation batches from the cached data (`medseg.data.cache`)."""
+def build_loaders(
+    config: Config, data_root, ranks: Ranks, device: torch.device, *, progress: bool,
+    split: Split | None = None,
+):  # fmt: skip
+    """Training and validation batches from the cached data (`medseg.data.cache`): of the
+    fold ``split``, or of train/ and val/ (or a held-out share of train/)."""
     data, settings = config.data, config.train
-    train_samples, val_samples = train_val_samples(
-        data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction, seed=settings.seed
-    )
+    if split is not None:
+        pairs = train_pairs(data_root, mask_suffix=data.mask_suffix)
+        train_samples, val_samples = fold_samples(pairs, split)
+    else:
+        train_samples, val_samples = train_val_samples(
+            data_root, mask_suffix=data.mask_suffix, val_fraction=data.val_fraction,
+            seed=settings.seed,
+        )  # fmt: skip
     patches = data.mode == "patch"
     layout = cache_layout(data)
     with main_rank_first(ranks):  # rank 0 builds the cache; the others then read it
