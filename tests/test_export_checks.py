@@ -226,3 +226,18 @@ def test_export_into_the_run_folder_itself_is_refused(
     assert main([str(arg) for arg in ["export", "--checkpoint", run_folder, "--out",
                                       run_folder / "export"]]) == 0  # fmt: skip
     assert (run_folder / "export" / "model.safetensors").is_file()
+
+
+def test_resume_names_an_export_or_a_checkpoint_file_it_was_given(
+    onnx_export, safetensors_export, run_folder, tmp_path, capsys
+):
+    for export, kind in ((safetensors_export, "a safetensors export"), (onnx_export, "an ONNX")):
+        argv = ["train", "--resume", export]
+        one_line_failure(capsys, argv, expect=[f"--resume {export}: it is {kind}", "not a run"])
+    best = run_folder / "checkpoints" / "best.pt"
+    argv = ["train", "--resume", best]
+    one_line_failure(
+        capsys, argv, expect=[f"{best} is a file", f"run folder medseg train wrote: {run_folder}"]
+    )
+    argv = ["train", "--resume", tmp_path / "nowhere"]
+    one_line_failure(capsys, argv, expect=["no run to resume", "no such folder"])

@@ -349,6 +349,7 @@ def _run_train(args) -> int:
             raise MedsegError(
                 f"--resume {args.resume} continues that run in its own folder; drop --out {args.out}"
             )
+        _check_resumable(Path(args.resume))
         data = args.data or RunFolder(args.resume).data_root()
         summary = train(data=data, out=args.resume, resume=True, **common)
     else:
@@ -693,6 +694,32 @@ def _run_visualize(args) -> int:
 def _main_process() -> bool:
     """Whether this process prints: always, except on the ranks above 0 under torchrun."""
     return int(os.environ.get("RANK", 0)) == 0
+
+
+def _check_resumable(path: Path) -> None:
+    """Refuse, naming what it is, a --resume that is a checkpoint file or an export folder: only
+    the run folder medseg train wrote can be continued."""
+    from medseg.engine.run_folder import RunFolder
+    from medseg.formats.source import ENSEMBLE, ONNX, SAFETENSORS, resolve_source
+
+    if path.is_file():
+        run = RunFolder.of_checkpoint(path).path
+        raise MedsegError(
+            f"--resume {path} is a file; --resume takes the run folder medseg train wrote: {run}"
+        )
+    if not path.is_dir():
+        raise MedsegError(
+            f"there is no run to resume in {path} (no such folder); start one with --data and --out"
+        )
+    try:
+        source = resolve_source(path)
+    except MedsegError:
+        return  # no model there: training says whether a run was started
+    if source.kind in (SAFETENSORS, ONNX, ENSEMBLE):
+        raise MedsegError(
+            f"--resume {path}: it is {source.describe()}, not a run folder; --resume continues "
+            f"the run medseg train wrote (its checkpoints/last.pt)"
+        )
 
 
 def _default_out(checkpoint, name: str) -> Path:
