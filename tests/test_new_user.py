@@ -146,12 +146,12 @@ def commands(page: Path, name: str) -> list[str]:
     ]
 
 
-def test_the_first_training_command_of_every_page_runs_offline():
-    pages = [page for page in PAGES if commands(page, "train")]
-    assert REPO / "README.md" in pages and REPO / "docs" / "cli.md" in pages
-    for page in pages:
+def test_the_first_training_command_a_new_user_meets_runs_offline():
+    # The README and the command-line page, where a first command is copied from: without
+    # --no-pretrained it downloads ImageNet weights, which fails offline.
+    for page in (REPO / "README.md", REPO / "docs" / "cli.md"):
         first = commands(page, "train")[0]
-        assert "--no-pretrained" in first or "--resume" in first, f"{page.name}: {first}"
+        assert "--no-pretrained" in first, f"{page.name}: {first}"
 
 
 def test_the_docs_name_the_network_variant_and_the_preset_apart():
