@@ -201,7 +201,9 @@ class TimeBudget:
         if state is None:
             return
         self.used_before = float(state["used"])
-        if state["limit"] == self.limit:  # a new limit (--resume --time-limit) plans afresh
+        # The saved plan holds only under the same limit: a new limit (--resume --time-limit)
+        # plans afresh, and without one the planned epochs (--resume --epochs N) stand.
+        if self.limit and state["limit"] == self.limit:
             self.epochs = min(int(state["epochs"]), self.planned_epochs)
         self.fit_schedule()
 
