@@ -21,9 +21,9 @@ from typing import Any
 
 from medseg.core.errors import MedsegError
 from medseg.core.version import __version__
+from medseg.engine.folds import SPLITS_NAME, KFoldRun
 from medseg.formats.folder import MEMBER_FOLDER, read_json
 
-SPLITS_NAME = "splits.json"
 FOLD_FOLDER = re.compile(r"^fold_(\d+)$")
 ENSEMBLE_NAME = "ensemble.json"
 FORMAT = "medseg-ensemble"
@@ -48,7 +48,7 @@ def fold_of(path: str | os.PathLike) -> int | None:
 def is_kfold_run(path: str | os.PathLike) -> bool:
     """True for a folder with splits.json (written before any fold trains, so a run whose
     folds have not finished an epoch yet is named as such, not as a folder without best.pt)."""
-    return (Path(path) / SPLITS_NAME).is_file()
+    return KFoldRun.holds(path)
 
 
 def kfold_count(run: Path) -> int:
