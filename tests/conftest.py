@@ -176,3 +176,20 @@ def small_jsrt(tmp_path):
             shutil.copyfile(mask, root / split / "masks" / mask.name)
     shutil.copyfile(JSRT_ROOT / "dataset.json", root / "dataset.json")
     return root
+
+
+def one_line_failure(capsys, argv, *, status=2, expect=()):
+    """Run `medseg argv`: it must fail with ``status`` (2: bad input) in exactly one line, no
+    traceback, holding each of ``expect``; returns the line."""
+    from medseg.cli import main
+
+    code = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("medseg: error: " if status == 2 else "medseg: ")
+    for fragment in expect:
+        assert str(fragment) in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]

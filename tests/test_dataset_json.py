@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import one_line_failure
 from PIL import Image
 
 from medseg.cli import main
@@ -18,18 +19,6 @@ from medseg.data.folder import find_pairs
 from medseg.data.io import read_label_map, read_target
 from medseg.data.plan import plan
 from medseg.data.transforms import resize_image, resize_probabilities
-
-
-def one_line_failure(capsys, argv, *, expect=()):
-    """Run `medseg argv`: it must fail with exit 2 in one line holding each of ``expect``."""
-    status = main([str(arg) for arg in argv])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    (line,) = err.strip().splitlines()
-    assert line.startswith("medseg: error: ")
-    for fragment in expect:
-        assert str(fragment) in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def write_many_classes(root, classes: int, *, size: int = 136, n_train: int = 4, n_test: int = 1):

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import one_line_failure
 from PIL import Image
 
 from medseg import api
@@ -25,18 +26,6 @@ THREE_CLASSES = {
     "data.channels": 1,
     "model.in_channels": 1,
 }
-
-
-def one_line_failure(capsys, argv, *, expect=()):
-    """Run `medseg argv`: it must fail with exit 2 in one line holding each of ``expect``."""
-    status = main([str(arg) for arg in argv])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    (line,) = err.strip().splitlines()
-    assert line.startswith("medseg: error: ")
-    for fragment in expect:
-        assert str(fragment) in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def contents(folder) -> dict[str, str]:

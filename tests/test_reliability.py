@@ -8,25 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import one_line_failure
 
 from medseg.cli import main
-from medseg.core.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OUT_OF_MEMORY, EXIT_SYSTEM
+from medseg.core.errors import EXIT_BUG, EXIT_OUT_OF_MEMORY, EXIT_SYSTEM
 from medseg.engine import train as train_module
 from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
-
-
-def one_line_failure(capsys, argv, *, status=EXIT_BAD_INPUT, expect=()):
-    """Run `medseg argv`; it must fail with `status` and exactly one line, no traceback."""
-    code = main([str(arg) for arg in argv])
-    err = capsys.readouterr().err
-    assert code == status, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("medseg: ")
-    for fragment in expect:
-        assert str(fragment) in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def metrics_epochs(run):
