@@ -9,7 +9,8 @@ the data root's train/ images), then, in this one process:
   median of `--repeats` batches after one warm-up) for PyTorch (its automatic precision: bf16
   where the CPU computes it natively, else float32), onnxruntime float32 and int8;
 - predicts every test image with each runtime and reports each one's per-image Dice against
-  the PyTorch float32 masks (mean over the foreground classes), and against the ground truth.
+  the PyTorch float32 masks (mean over the foreground classes), the share of all pixels whose
+  label equals the PyTorch float32 mask's, and the Dice against the ground truth.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> int:
             rows[name] = {
                 "ms_per_image": _speed(predictor, images[: args.batch], args.repeats),
                 "dice_vs_pytorch_fp32": _dice(masks, reference_masks, labels),
+                "pixels_equal_to_fp32": _pixels_equal(masks, reference_masks),
                 "dice_vs_truth": float(np.mean(_dice(masks, truths, labels))),
             }
     _print(rows, len(images))
@@ -68,6 +70,7 @@ def main() -> int:
             "ms_per_image": row["ms_per_image"],
             "dice_vs_pytorch_fp32_mean": float(np.mean(row["dice_vs_pytorch_fp32"])),
             "dice_vs_pytorch_fp32_min": min(row["dice_vs_pytorch_fp32"]),
+            "pixels_equal_to_fp32": row["pixels_equal_to_fp32"],
             "dice_vs_truth": row["dice_vs_truth"],
         }
         for name, row in rows.items()
@@ -116,16 +119,23 @@ def _dice(masks, references, labels) -> list[float]:
     ]
 
 
+def _pixels_equal(masks, references) -> float:
+    """The share of all pixels, over every image, whose label is the reference's."""
+    equal = sum(int(np.count_nonzero(m == r)) for m, r in zip(masks, references, strict=True))
+    return equal / sum(r.size for r in references)
+
+
 def _print(rows: dict, count: int) -> None:
     print(
-        f"{'runtime':<28} {'ms/img':>8} {'×PyTorch fp32':>14} {'Dice vs fp32: mean':>19} {'min':>7} {'Dice vs truth':>14}"
+        f"{'runtime':<28} {'ms/img':>8} {'×PyTorch fp32':>14} {'Dice vs fp32: mean':>19} {'min':>7} {'pixels = fp32':>14} {'Dice vs truth':>14}"
     )
     base = rows["PyTorch float32"]["ms_per_image"]
     for name, row in rows.items():
         agreement = row["dice_vs_pytorch_fp32"]
         print(
             f"{name:<28} {row['ms_per_image']:>8.1f} {base / row['ms_per_image']:>14.2f} "
-            f"{np.mean(agreement):>19.4f} {min(agreement):>7.4f} {row['dice_vs_truth']:>14.4f}"
+            f"{np.mean(agreement):>19.4f} {min(agreement):>7.4f} {row['pixels_equal_to_fp32']:>14.6f} "
+            f"{row['dice_vs_truth']:>14.4f}"
         )
     print(f"({count} test images; speed on one batch, agreement and accuracy on all of them)")
 

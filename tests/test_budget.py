@@ -185,22 +185,56 @@ class Schedule:
     total_steps = 0
 
 
-def test_without_a_limit_a_long_cpu_run_is_told_what_the_hour_holds(monkeypatch, capsys):
+def planned(monkeypatch, *, limit, on_cpu: bool, step: float) -> TimeBudget:
+    """ISIC's plan (50 epochs of 95 steps, 13 validation batches) after its first steps."""
     clock = FakeClock(cost=0.0)
     monkeypatch.setattr(budget, "clock", clock)
     plan = TimeBudget(
-        limit=0.0, epochs=50, steps_per_epoch=95, validation_batches=13, schedule=Schedule(),
-        started=clock(), ranks=Ranks(), on_cpu=True,
+        limit=limit, epochs=50, steps_per_epoch=95, validation_batches=13, schedule=Schedule(),
+        started=clock(), ranks=Ranks(), on_cpu=on_cpu,
     )  # fmt: skip
     plan.begin_epoch(1)
     for _ in range(budget.SKIPPED_STEPS + budget.MEASURED_STEPS):
-        clock.now += 1.37  # the 2-core EPYC of the issue: 1.37 s a step
+        clock.now += step
         assert plan.after_step() is False
+    return plan
+
+
+def test_by_default_a_cpu_run_whose_plan_passes_an_hour_is_fitted_into_one(monkeypatch, capsys):
+    plan = planned(monkeypatch, limit=None, on_cpu=True, step=1.37)  # the issue's 2-core EPYC
     out = capsys.readouterr().out
-    # 50 × (95 + 13 × 0.5) steps of 1.37 s: about 116 min.
-    assert "plan: about 115.9 min for 50 epochs on this machine (1.37 s a step)" in out
-    assert "--time-limit 60m" in out
-    assert plan.epochs == 50 and Schedule.total_steps == 0  # nothing changes without a limit
+    # 50 × (95 + 13 × 0.5) steps of 1.37 s: about 116 min; the hour less half an epoch holds 25.
+    assert (
+        "time limit 60.0 min (the default on a CPU whose plan passes an hour; --time-limit 0: "
+        "none): 25 of the 50 planned epochs fit (1.37 s a step; all would take about 115.9 min)"
+    ) in out
+    assert plan.limit == 3600.0 and plan.epochs == 25 and plan.schedule.total_steps == 25 * 95
+    assert plan.state_dict()["limit"] == 3600.0  # last.pt keeps the decision for a resume
+
+
+@pytest.mark.parametrize(
+    ("limit", "on_cpu", "step"),
+    [(None, True, 0.5), (None, False, 1.37), (0.0, True, 1.37)],
+    ids=["cpu-inside-the-hour", "gpu", "cpu-limit-0"],
+)
+def test_no_limit_by_default_inside_the_hour_on_gpus_or_with_0(
+    monkeypatch, capsys, limit, on_cpu, step
+):
+    plan = planned(monkeypatch, limit=limit, on_cpu=on_cpu, step=step)
+    assert plan.limit == 0.0 and plan.epochs == 50 and plan.schedule.total_steps == 0
+    assert "time limit" not in capsys.readouterr().out
+
+
+def test_a_resumed_run_keeps_the_default_its_first_session_decided():
+    saved = {"limit": 3600.0, "used": 1200.0, "epochs": 25}
+    plan = TimeBudget(
+        limit=None, epochs=50, steps_per_epoch=95, validation_batches=13, schedule=Schedule(),
+        started=budget.clock(), ranks=Ranks(), on_cpu=True,
+    )  # fmt: skip
+    plan.load_state_dict(saved)
+    assert plan.limit == 3600.0 and plan.epochs == 25 and plan.used_before == 1200.0
+    assert budget.budget_spent({**saved, "used": 3500.0}, None, finished=25, planned=50)
+    assert not budget.budget_spent({**saved, "limit": 0.0}, None, finished=25, planned=50)
 
 
 @pytest.mark.parametrize(

@@ -242,7 +242,8 @@ TRAIN_FLAGS = {
     "--time-limit": (
         "train.time_limit",
         duration_seconds,
-        "wall-time limit, e.g. 90s, 60m, 1.5h: epochs and schedule fitted to it (0: none)",
+        "wall-time limit, e.g. 90s, 60m, 1.5h: epochs and schedule fitted to it (0: none; "
+        "default: 60m on a CPU whose plan passes an hour)",
     ),
 }
 

@@ -117,8 +117,9 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999  # the average's decay per optimizer step (warmed up at the start)
     # Wall-time limit of the run in seconds (--time-limit 60m), setup included; the epochs and
-    # the schedule are fitted to it (medseg.engine.budget). 0: none.
-    time_limit: float = 0.0
+    # the schedule are fitted to it (medseg.engine.budget). 0: none; None: an hour on a CPU
+    # whose plan passes it, none elsewhere.
+    time_limit: float | None = None
 
 
 @dataclass
@@ -168,7 +169,9 @@ class Range:
             parts.append(f"{'below' if self.high_open else 'at most'} {self.high}")
         return " and ".join(parts)
 
-    def holds(self, value: float) -> bool:
+    def holds(self, value: float | None) -> bool:
+        if value is None:  # an optional setting left to its default
+            return True
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return not (

@@ -20,8 +20,9 @@ of its last checkpoint. The plan:
 ``last.pt`` keeps the time used and the fitted epochs, so a resumed run
 (`TimeBudget.load_state_dict`) spends only what is left, and one the limit ended stays ended.
 
-Without a limit, a run on a CPU whose estimate passes an hour says so in its plan line, with
-the ``--time-limit`` that would fit it into the hour.
+The default (``train.time_limit`` None) is an hour on a CPU whose first plan passes it, and no
+limit otherwise (a GPU, or a CPU that trains the planned epochs inside the hour): the plan line
+says which. The decision is kept in ``last.pt``, so a resumed run keeps it. ``0``: no limit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ VALIDATION_SHARE = 0.5  # a validation batch's time in training steps, until an 
 # Kept free for what no measurement foresees (a slow save, a busy machine): a share of the
 # limit, or half an epoch if more, so that a last epoch slower than planned still ends inside.
 RESERVE = 0.02
-HOUR = 3600.0  # what a CPU run is told it could be fitted to, when its estimate passes it
+HOUR = 3600.0  # the default limit of a CPU run whose estimate passes it
 
 
 def format_duration(seconds: float) -> str:
@@ -65,7 +66,7 @@ class TimeBudget:
     def __init__(
         self,
         *,
-        limit: float,
+        limit: float | None,
         epochs: int,
         steps_per_epoch: int,
         validation_batches: int,
@@ -74,7 +75,8 @@ class TimeBudget:
         ranks: Ranks,
         on_cpu: bool,
     ):
-        self.limit = limit  # seconds; 0: none
+        self.limit = limit  # seconds; 0: none; None: the default, decided by the first plan
+        self.by_default = False  # the limit is the CPU default, not the user's
         self.planned_epochs = epochs
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -156,13 +158,10 @@ class TimeBudget:
         estimate = used + finish + (self.planned_epochs - current) * epoch_cost
         first = not self.planned
         self.planned = True
+        if self.limit is None:  # the default: an hour on a CPU whose plan passes it
+            self.by_default = self.on_cpu and estimate > HOUR
+            self.limit = HOUR if self.by_default else 0.0
         if not self.limit:
-            if first and self.on_cpu and estimate > HOUR and self.ranks.is_main:
-                say(
-                    f"plan: about {format_duration(estimate)} for {self.planned_epochs} epochs "
-                    f"on this machine ({self.step_seconds:.2f} s a step); --time-limit 60m "
-                    f"would fit the epochs and the schedule into an hour"
-                )
             return
         left = self.limit - max(RESERVE * self.limit, epoch_cost / 2) - used - finish
         fitting = min(self.planned_epochs, current + max(0, math.floor(left / epoch_cost)))
@@ -174,6 +173,8 @@ class TimeBudget:
 
     def _announce(self, first: bool, before: int, estimate: float) -> None:
         limit = format_duration(self.limit)
+        if first and self.by_default:
+            limit += " (the default on a CPU whose plan passes an hour; --time-limit 0: none)"
         rate = f"{self.step_seconds:.2f} s a step"
         if self.ended:
             say(f"time limit {limit}: no further epoch fits ({rate}); the run ends here")
@@ -201,6 +202,8 @@ class TimeBudget:
         if state is None:
             return
         self.used_before = float(state["used"])
+        if self.limit is None:  # the default, as the run's first session decided it
+            self.limit = state["limit"]
         # The saved plan holds only under the same limit: a new limit (--resume --time-limit)
         # plans afresh, and without one the planned epochs (--resume --epochs N) stand.
         if self.limit and state["limit"] == self.limit:
@@ -209,10 +212,13 @@ class TimeBudget:
 
 
 def budget_spent(
-    state: dict[str, Any] | None, limit: float, *, finished: int, planned: int
+    state: dict[str, Any] | None, limit: float | None, *, finished: int, planned: int
 ) -> bool:
     """Whether a run saved after ``finished`` of its ``planned`` epochs was ended by this same
-    time limit (its plan held no further epoch): nothing is left to train."""
+    time limit (its plan held no further epoch; None: the default it decided): nothing is left
+    to train."""
+    if state is not None and limit is None:
+        limit = state["limit"]
     if state is None or not limit or state["limit"] != limit:
         return False
     return finished >= state["epochs"] and state["epochs"] < planned
