@@ -39,7 +39,9 @@ def pytest_report_header(config):
         ]
         model = names[0].split(":", 1)[1].strip() if names else model
     chosen = select_precision("auto", torch.device("cpu")).name
-    return f"CPU: {model}; medseg's precision 'auto' on it: {chosen}"
+    override = os.environ.get("MEDSEG_CPU_BF16")
+    told = f" (MEDSEG_CPU_BF16={override}: as on the other kind of CPU)" if override else ""
+    return f"CPU: {model}; medseg's precision 'auto' on it: {chosen}{told}"
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,14 @@ def test_precision_choices():
         select_precision("fp16", cpu)
 
 
+@pytest.mark.parametrize(("override", "chosen"), [("0", "fp32"), ("1", "bf16")])
+def test_medseg_cpu_bf16_makes_auto_choose_as_on_the_other_kind_of_cpu(
+    monkeypatch, override, chosen
+):
+    monkeypatch.setenv("MEDSEG_CPU_BF16", override)
+    assert select_precision("auto", torch.device("cpu")).name == chosen
+
+
 @pytest.mark.parametrize(
     ("name", "device"),
     [
