@@ -49,11 +49,11 @@ def main() -> int:
 
 
 def score_run(run_path: Path, data: Path) -> dict:
-    run = KFoldRun(run_path)
-    if not run.complete():
+    summary = run_path / "cv_summary.json"  # written once every fold has finished
+    if not summary.is_file():
         sys.exit(f"{run_path}: not every fold has finished; train them first")
-    cv = json.loads((run_path / "cv_summary.json").read_text())
-    k = len(run.read_splits())
+    cv = json.loads(summary.read_text())
+    k = len(KFoldRun(run_path).read_splits())
     rows = {f"fold {i}": score(run_path / f"fold_{i}", data, run_path / f"test-fold_{i}")
             for i in range(k)}  # fmt: skip
     rows[f"{k}-fold ensemble"] = score(run_path, data, run_path / "test-ensemble")

@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from test_budget import TINY, FakeClock, throttle
 from test_resume import file_id, kill, start, wait_for
 
+import medseg
 from medseg.cli import main
 from medseg.core.errors import MedsegError
 from medseg.data.folder import Sample, train_pairs
@@ -261,3 +263,18 @@ def test_a_k_fold_run_trains_under_torchrun_on_two_gloo_processes(synthetic_root
     assert "2 processes" in (run / "fold_1" / "train.log").read_text()
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["out_of_fold"]["images"] == 12
+
+
+def test_folds_ended_by_their_time_limit_are_finished_and_summarised(
+    synthetic_root, tmp_path, monkeypatch
+):
+    # Every loss costs 10 s of a fake clock: 10 planned epochs do not fit in 300 s.
+    throttle(monkeypatch, FakeClock(cost=10.0))
+    overrides = {**TINY, "train.epochs": 10, "train.time_limit": 300.0}
+    run = tmp_path / "cv"
+    medseg.train(data=synthetic_root, out=run, folds=2, overrides=overrides, progress=False)
+
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert all(1 <= fold["epochs"] < 10 for fold in summary["per_fold"])
+    last = load_checkpoint(run / "fold_0" / "checkpoints" / "last.pt")
+    assert last["budget"]["epochs"] == summary["per_fold"][0]["epochs"]

@@ -33,6 +33,7 @@ from medseg.core.files import make_folder, write_text
 from medseg.data.folder import train_pairs
 from medseg.data.layout import image_root
 from medseg.data.splits import Split, check_splits, make_splits, units_of
+from medseg.engine.budget import budget_spent
 from medseg.engine.checkpoint import config_of_checkpoint, load_checkpoint
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import init_distributed, releases_process_group, select_device
@@ -246,13 +247,21 @@ def _write_start(run: KFoldRun, config: Config, data_root, splits: list[Split]) 
 
 
 def fold_finished(run: RunFolder) -> bool:
-    """Whether a fold's run has trained all its epochs or stopped early (its last.pt says)."""
+    """Whether a fold's run has trained all its epochs, stopped early, or ended at its time
+    limit (its last.pt says)."""
     if not run.last.is_file():
         return False
     checkpoint = load_checkpoint(run.last)
     config = config_of_checkpoint(checkpoint, path=run.last)
     state = TrainingState.from_checkpoint(checkpoint)
-    return state.epoch >= config.train.epochs or state.stopped_early(config.train.patience)
+    epochs = config.train.epochs
+    return (
+        state.epoch >= epochs
+        or state.stopped_early(config.train.patience)
+        or budget_spent(
+            checkpoint.get("budget"), config.train.time_limit, finished=state.epoch, planned=epochs
+        )
+    )
 
 
 def _say(line: str) -> None:
