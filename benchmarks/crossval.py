@@ -117,7 +117,9 @@ def cv_line(cv: dict, names: list[str]) -> str:
               for c in names if f"val_dice_{c}" in mean]  # fmt: skip
     oof = cv.get("out_of_fold", {})
     tail = f"; out-of-fold over train/: Dice {_oof_dice(oof):.4f}" if oof else ""
-    return "Cross-validation (each fold's best epoch, network resolution): " + ", ".join(parts) + tail
+    return (
+        "Cross-validation (each fold's best epoch, network resolution): " + ", ".join(parts) + tail
+    )
 
 
 def _oof_dice(oof: dict) -> float:
