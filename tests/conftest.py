@@ -195,3 +195,15 @@ def one_line_failure(capsys, argv, *, status=2, expect=()):
     for fragment in expect:
         assert str(fragment) in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a medseg child process (torchrun): this one's without medseg's own
+    variables, which the test sets itself, except MEDSEG_CPU_BF16, so that parent and child
+    choose the same precision."""
+    kept = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MEDSEG") or key == "MEDSEG_CPU_BF16"
+    }
+    return {**kept, **extra}

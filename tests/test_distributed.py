@@ -8,7 +8,6 @@ each epoch. The resumed run is plain ``python -m medseg train --resume``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from conftest import child_environment
 
 from medseg.data.sampler import EpochSampler
 from medseg.data.synthetic import make_synthetic_dataset
@@ -34,8 +34,7 @@ def torchrun(target: list[str], *, cwd: Path, **env: str) -> subprocess.Complete
     """Two processes on free local ports; returns the finished launcher (output captured)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", *target, "--quiet"]
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MEDSEG")}
-    environment.update(MEDSEG_CACHE_DIR=str(cwd / "cache"), OMP_NUM_THREADS="1", **env)
+    environment = child_environment(MEDSEG_CACHE_DIR=str(cwd / "cache"), OMP_NUM_THREADS="1", **env)
     return subprocess.run(
         command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
     )

@@ -8,7 +8,6 @@ records every file it wrote, and rank 1 can be made to die partway).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.distributed as dist
+from conftest import child_environment
 
 from medseg.commands.evaluate import evaluate_folder
 from medseg.engine.runtime import Ranks
@@ -39,8 +39,7 @@ def torchrun(root: Path, name: str, command: list[str], **env: str):
     probes.mkdir()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launch += ["--nproc-per-node", "2", str(WORKER), str(probes), *command, "--quiet"]
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MEDSEG")}
-    environment.update(OMP_NUM_THREADS="1", **env)
+    environment = child_environment(OMP_NUM_THREADS="1", **env)
     process = subprocess.run(
         launch, cwd=root, env=environment, capture_output=True, text=True, timeout=300
     )
@@ -163,8 +162,9 @@ def test_the_documented_two_machine_launch_trains_through_a_rendezvous(synthetic
     launch += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "medseg-test"]
     train = ["-m", "medseg", "train", "--data", "synthetic", "--out", "run", "--epochs", "1"]
     train += ["--no-pretrained", "--backbone", "resnet18", "--image-size", "64", "--quiet"]
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MEDSEG")}
-    environment.update(OMP_NUM_THREADS="1", MEDSEG_CACHE_DIR=str(synthetic_root.parent / "cache"))
+    environment = child_environment(
+        OMP_NUM_THREADS="1", MEDSEG_CACHE_DIR=str(synthetic_root.parent / "cache")
+    )
     machines = [
         subprocess.Popen(
             [*launch, *train],

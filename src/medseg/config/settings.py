@@ -400,6 +400,8 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     """Check a value against its annotation, converting only where nothing is lost (1 → 1.0)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
+        if option is type(None) and value is None:  # an optional setting left to its default
+            return None
         if typing.get_origin(option) is list:
             [item_type] = typing.get_args(option)
             if isinstance(value, list | tuple) and all(
