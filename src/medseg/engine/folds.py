@@ -33,11 +33,10 @@ from medseg.core.files import make_folder, write_text
 from medseg.data.folder import train_pairs
 from medseg.data.layout import image_root
 from medseg.data.splits import Split, check_splits, make_splits, units_of
-from medseg.engine.budget import budget_spent
 from medseg.engine.checkpoint import config_of_checkpoint, load_checkpoint
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import init_distributed, releases_process_group, select_device
-from medseg.engine.train import TrainingState, fit, with_changes
+from medseg.engine.train import finish_reason, fit, with_changes
 
 SPLITS_NAME = "splits.json"
 SUMMARY_NAME = "cv_summary.json"
@@ -252,16 +251,7 @@ def fold_finished(run: RunFolder) -> bool:
     if not run.last.is_file():
         return False
     checkpoint = load_checkpoint(run.last)
-    config = config_of_checkpoint(checkpoint, path=run.last)
-    state = TrainingState.from_checkpoint(checkpoint)
-    epochs = config.train.epochs
-    return (
-        state.epoch >= epochs
-        or state.stopped_early(config.train.patience)
-        or budget_spent(
-            checkpoint.get("budget"), config.train.time_limit, finished=state.epoch, planned=epochs
-        )
-    )
+    return finish_reason(checkpoint, config_of_checkpoint(checkpoint, path=run.last)) is not None
 
 
 def _say(line: str) -> None:

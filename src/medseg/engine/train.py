@@ -256,34 +256,46 @@ def with_changes(config: Config, changes: dict[str, Any], run: RunFolder) -> Con
     return config_from_dict(values, source="the command line")
 
 
+def finish_reason(checkpoint: dict[str, Any], config: Config) -> str | None:
+    """Why a run saved as ``checkpoint`` has nothing left to train ("stopped early", "time
+    limit" or "all epochs"), or None while epochs remain."""
+    state = TrainingState.from_checkpoint(checkpoint)
+    epochs = config.train.epochs
+    if state.stopped_early(config.train.patience):
+        return "stopped early"
+    if budget_spent(
+        checkpoint.get("budget"), config.train.time_limit, finished=state.epoch, planned=epochs
+    ):
+        return "time limit"
+    return "all epochs" if state.epoch >= epochs else None
+
+
 def _nothing_left(run: RunFolder, checkpoint: dict[str, Any], config: Config) -> bool:
     """Say what --resume will do; True when the run has nothing left to train."""
     state = TrainingState.from_checkpoint(checkpoint)
     epochs, best = config.train.epochs, state.best_dice
-    if state.stopped_early(config.train.patience):
+    reason = finish_reason(checkpoint, config)
+    if reason == "stopped early":
         print(
             f"{run.path} stopped early after epoch {state.epoch} (no better validation Dice for "
             f"{config.train.patience} epochs; best {best:.4f}); nothing to do"
         )
-        return True
-    if budget_spent(
-        checkpoint.get("budget"), config.train.time_limit, finished=state.epoch, planned=epochs
-    ):
+    elif reason == "time limit":
         print(
             f"{run.path} ended at its time limit after epoch {state.epoch} (best validation Dice "
             f"{best:.4f}); nothing to do; pass a longer --time-limit to train it further"
         )
-        return True
-    if state.epoch >= epochs:
+    elif reason == "all epochs":
         print(
             f"{run.path} has finished all {epochs} epochs (best validation Dice {best:.4f}); "
             f"nothing to do; pass --epochs N (more than {epochs}) to train it further"
         )
-        return True
-    print(
-        f"resuming {run.path} after epoch {state.epoch} of {epochs} (best validation Dice {best:.4f})"
-    )
-    return False
+    else:
+        print(
+            f"resuming {run.path} after epoch {state.epoch} of {epochs} "
+            f"(best validation Dice {best:.4f})"
+        )
+    return reason is not None
 
 
 # ---------------------------------------------------------------------------------------------
