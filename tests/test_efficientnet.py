@@ -93,6 +93,25 @@ def test_a_missing_package_names_the_extra_in_one_line(monkeypatch):
     assert build_backbone(name="efficientnet-lite2", pretrained=False).deep_channels == 352
 
 
+def test_offline_resnet_weights_point_to_the_packaged_ones_in_one_line(monkeypatch, tmp_path):
+    import urllib.error
+
+    from torchvision.models import WeightsEnum
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to download.pytorch.org")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(MedsegError) as error:
+        build_backbone(name="resnet18", pretrained=True)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "checkpoints") in message
+    assert "--no-pretrained" in message and "--pretrained PATH.pth" in message
+    assert "--backbone efficientnet-lite0 (pip install 'medseg[lite]')" in message
+    assert "beats training from scratch on chest X-rays" in message
+
+
 def test_weights_of_another_network_are_refused_naming_the_first_difference(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(build_backbone(name="resnet18").state_dict(), path)

@@ -254,6 +254,7 @@ def test_medseg_json_says_how_to_feed_the_graph(
     mean, std = normalisation(config.data.channels)
     assert meta["input"]["size"] == [64, 64] and meta["input"]["channels"] == config.data.channels
     assert meta["input"]["mean"] == list(mean) and meta["input"]["std"] == list(std)
+    assert meta["input"]["colour_constancy"] is None  # off by default: nothing for a runtime to do
     assert meta["tta"] == resolve_tta("auto", config) == ("flip" if kind == "binary" else "none")
     assert meta["output"]["threshold"] == (0.5 if kind == "binary" else None)
     assert meta["output"]["labels"] == (

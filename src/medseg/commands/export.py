@@ -28,7 +28,7 @@ from medseg.core.optional import require
 from medseg.core.version import __version__
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
-from medseg.data.transforms import normalisation
+from medseg.data.transforms import SHADES_OF_GRAY_POWER, normalisation
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import Precision
@@ -446,6 +446,7 @@ def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -
             "channel_order": "RGB" if data.channels == 3 else "gray (ITU-R 601 luma of RGB)",
             "resize": "to size, aspect ratio not kept: area averaging where it shrinks, "
             "bilinear where it grows (OpenCV INTER_AREA / INTER_LINEAR)",
+            "colour_constancy": _colour_step(data.colour_constancy),
             "scale": "uint8 pixel / 255, then (x - mean) / std per channel",
             "mean": list(mean),
             "std": list(std),
@@ -464,6 +465,17 @@ def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -
         "tta": tta,
         "config": config.to_dict(),
     }
+
+
+def _colour_step(method: str) -> str | None:
+    """What medseg.json tells a runtime to do to the resized uint8 image before scaling."""
+    if method == "none":
+        return None
+    return (
+        f"{method}: per channel c, L_c = mean(x_c ** {SHADES_OF_GRAY_POWER}) ** "
+        f"(1/{SHADES_OF_GRAY_POWER}) over the resized image; x_c * sqrt(mean(L ** 2)) / L_c, "
+        "rounded and clipped to 0..255"
+    )
 
 
 # --- ensembles --------------------------------------------------------------------------------

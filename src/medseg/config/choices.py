@@ -34,6 +34,9 @@ AUGMENTATIONS = ("default", "anatomy", "seed", "none")
 FLIPPING_AUGMENTATIONS = ("default", "seed")
 DATA_MODES = ("resize", "patch")
 AUGMENT_ON = ("loader", "device")
+# Colour constancy (medseg.data.transforms): "shades-of-gray" evens out the colour cast of a
+# clinic's camera and light (Finlayson and Trezzi 2004; Barata et al. 2015 for dermoscopy).
+COLOUR_CONSTANCY = ("none", "shades-of-gray")
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
@@ -63,6 +66,7 @@ def setting_choices() -> dict[tuple[str, str], tuple]:
         ("data", "mode"): ("auto", *DATA_MODES),
         ("data", "augment"): ("auto", *AUGMENTATIONS),
         ("data", "augment_on"): ("auto", *AUGMENT_ON),
+        ("data", "colour_constancy"): COLOUR_CONSTANCY,
         ("model", "backbone"): BACKBONES,
         ("model", "variant"): VARIANTS,
         ("model", "output_stride"): OUTPUT_STRIDES,

@@ -54,6 +54,10 @@ class DataConfig:
     # Where training batches are augmented: "loader" (Albumentations in the DataLoader),
     # "device" (on the GPU, from the uploaded cache), "auto" (device on CUDA, else loader).
     augment_on: str = "auto"
+    # "shades-of-gray": each image's colour cast removed before the network sees it, in
+    # training and prediction alike (medseg.data.transforms.colour_constancy). Off by default:
+    # see docs/results.md for what it measured.
+    colour_constancy: str = "none"
     skip_bad: bool = False  # leave out unreadable images (listed) instead of stopping
     # Class names by label value, from the data root's dataset.json; empty: binary masks read
     # by the half-range rule (medseg.data.io). Planned from the data.

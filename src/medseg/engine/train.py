@@ -703,6 +703,7 @@ def _datasets(data: DataConfig, train_cache, val_cache) -> tuple[Dataset, Segmen
         train_cache.samples,
         train_transform(data.image_size, data.augment, **pixels),
         cache=train_cache,
+        colour=data.colour_constancy,
     )
     if patches:
         train_set = PatchFolder(
@@ -712,7 +713,10 @@ def _datasets(data: DataConfig, train_cache, val_cache) -> tuple[Dataset, Segmen
             foreground_fraction=data.foreground_fraction,
         )
     val_transform = eval_transform(None if patches else data.image_size, **pixels)
-    return train_set, SegmentationFolder(val_cache.samples, val_transform, cache=val_cache)
+    val_set = SegmentationFolder(
+        val_cache.samples, val_transform, cache=val_cache, colour=data.colour_constancy
+    )
+    return train_set, val_set
 
 
 def _network(model: nn.Module, config: Config, device: torch.device, ranks: Ranks) -> nn.Module:
@@ -738,9 +742,16 @@ def loss_settings(settings) -> dict[str, Any]:
 def augment_on_device(data: DataConfig, device: torch.device) -> bool:
     """Whether training batches are augmented on the device (``data.augment_on``).
 
-    The device pipelines are those of RGB photographs; other data is augmented in the loader.
+    The device pipelines are those of RGB photographs without colour correction; other data is
+    augmented in the loader.
     """
-    supported = data.augment in DEVICE_PIPELINES and data.channels == 3
+    corrected = data.colour_constancy != "none"  # by the loader's `SegmentationFolder.load`
+    if data.augment_on == "device" and corrected:
+        raise MedsegError(
+            f"data.colour_constancy={data.colour_constancy} is applied in the loader: use "
+            f"data.augment_on=loader (or auto)"
+        )
+    supported = data.augment in DEVICE_PIPELINES and data.channels == 3 and not corrected
     if data.augment_on == "device" and not supported:
         raise MedsegError(
             f"data.augment_on=device runs the RGB pipelines {', '.join(DEVICE_PIPELINES)}; "

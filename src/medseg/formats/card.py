@@ -226,6 +226,7 @@ def _model_lines(config: Config) -> list[str]:
         f"{model_arguments(model)['decoder_stride']}.",
         f"- Input: {'RGB' if data.channels == 3 else 'grayscale'} images (uint8), "
         + _input_size(data)
+        + _colour(data)
         + f", scaled to 0..1 and normalised with mean {_numbers(mean)} and std {_numbers(std)} "
         "per channel.",
         _output_line(config),
@@ -239,6 +240,12 @@ def _numbers(values: tuple[float, ...]) -> str:
 def _pooling(model) -> str:
     window = model_arguments(model)["pooling_window"]
     return f"image pooling over {window}×{window} windows" if window else "global image pooling"
+
+
+def _colour(data) -> str:
+    if data.colour_constancy == "none":
+        return ""
+    return f", colour-corrected ({data.colour_constancy}, on the whole image at that scale)"
 
 
 def _input_size(data) -> str:

@@ -24,7 +24,12 @@ from medseg.config import Config
 from medseg.config.choices import DEFAULT_TTA
 from medseg.core.errors import MedsegError
 from medseg.data.io import to_channels
-from medseg.data.transforms import eval_transform, resize_probabilities
+from medseg.data.transforms import (
+    colour_constancy,
+    eval_transform,
+    resize_image,
+    resize_probabilities,
+)
 from medseg.engine.runtime import CompiledOrEager, Precision
 from medseg.engine.sliding_window import blend_tiles, tile_for_image
 from medseg.formats.source import CHECKPOINT, KFOLD, Checkpoint, ModelSource, resolve_source
@@ -146,10 +151,17 @@ class Predictor(Segmenter):
         """What the network is fed: float32 (N, C, S, S), resized to the checkpoint's size S
         and normalised, on the CPU (a patch-trained model's: at the images' own size, which must
         then be one). ``images`` as for `probabilities`."""
-        channels = self.config.data.channels
-        return torch.stack(
-            [self.transform(image=to_channels(image, channels))["image"] for image in images]
-        )
+        return torch.stack([self.transform(image=self._pixels(image))["image"] for image in images])
+
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        """``image`` as training's loader gave it to the augmentation: the checkpoint's
+        channels, at the network's scale (resized, or whole for a patch-trained model), its
+        colour corrected (``data.colour_constancy``)."""
+        data = self.config.data
+        pixels = to_channels(image, data.channels)
+        if not self.patches:
+            pixels = resize_image(pixels, data.image_size)
+        return colour_constancy(pixels, data.colour_constancy)
 
     @torch.no_grad()
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -192,7 +204,7 @@ class Predictor(Segmenter):
         are summed in place into the float32 result (`blend_tiles`): a 9000 × 9000 image costs
         its own 243 MB and 324 MB per output, never a float copy of the whole image.
         """
-        pixels = to_channels(image, self.config.data.channels)
+        pixels = self._pixels(image)
         tile = tile_for_image(self.config.data.image_size, *image.shape[:2])
 
         def cut(index: int, top: int, left: int) -> torch.Tensor:
