@@ -125,7 +125,8 @@ def test_a_run_with_colour_constancy_trains_predicts_and_records_it(
     run = tmp_path / "run"
     flags = [*tiny_flags, "--epochs", "1", "--set", f"data.colour_constancy={SOG}"]
     assert main(["train", "--data", str(synthetic_root), "--out", str(run), *flags]) == 0
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["config"]["data"]["colour_constancy"] == SOG
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["config"]["data"]["colour_constancy"] == SOG
     out = tmp_path / "masks"
     images = synthetic_root / "test" / "images"
     assert main(["predict", "--checkpoint", str(run), "-i", str(images), "-o", str(out)]) == 0
