@@ -7,8 +7,9 @@
 One network, one process: training steps (forward, Dice+BCE, backward, AdamW) in the recipe's
 precision and memory format, timed alternately without and with the average's update after
 each step (A, B, A, B, ... so that a machine slowing down or speeding up weighs on both), and
-the update on its own. Prints the medians and the ratio. The average's other cost, one more
-validation pass an epoch, depends on the validation set and is not counted here.
+the update on its own. Prints the medians and the ratio and writes the same table to
+``benchmarks/results/ema-cost.txt`` (``--out``; ``--quick`` writes nothing). The average's other
+cost, one more validation pass an epoch, depends on the validation set and is not counted here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from common import hardware
@@ -24,6 +26,8 @@ from medseg.engine.ema import WeightAverage
 from medseg.engine.runtime import select_precision
 from medseg.losses import build_loss
 from medseg.model.deeplab import DeepLabV3Plus
+
+RESULT = Path(__file__).resolve().parent / "results" / "ema-cost.txt"
 
 
 def main() -> int:
@@ -50,15 +54,20 @@ def main() -> int:
             average.update(model)
         return time.perf_counter() - start
 
-    step(False), step(True)  # warm-up
+    step(False)  # warm-up
+    step(True)
     plain, averaged = [], []
     for _ in range(args.repeats):
         plain.append(step(False))
         averaged.append(step(True))
     updates = [timed(lambda: average.update(model)) for _ in range(20)]
-    print_table(
+    table = format_table(
         args, precision.name, statistics.median(plain), statistics.median(averaged), updates
     )
+    print(table)
+    if not args.quick:
+        args.out.write_text(table + "\n")
+        print(f"\nwritten: {args.out}")
     return 0
 
 
@@ -68,18 +77,22 @@ def timed(work) -> float:
     return time.perf_counter() - start
 
 
-def print_table(
+def format_table(
     args: argparse.Namespace, precision: str, plain: float, averaged: float, updates: list
-) -> None:
-    print(
-        f"{hardware()}; {args.backbone}, {args.size}×{args.size}, batch {args.batch}, "
-        f"{precision}, medians of {args.repeats}\n"
-    )
-    print("| step | seconds | ratio |\n|---|---:|---:|")
-    print(f"| training step | {plain:.3f} | 1.00 |")
-    print(f"| training step + average's update | {averaged:.3f} | {averaged / plain:.2f} |")
+) -> str:
     update = statistics.median(updates)
-    print(f"| the update alone (median of 20) | {update:.4f} | {update / plain:.3f} |")
+    return "\n".join(
+        [
+            f"{hardware()}; {args.backbone}, {args.size}×{args.size}, batch {args.batch}, "
+            f"{precision}, medians of {args.repeats}",
+            "",
+            "| step | seconds | ratio |",
+            "|---|---:|---:|",
+            f"| training step | {plain:.3f} | 1.00 |",
+            f"| training step + average's update | {averaged:.3f} | {averaged / plain:.2f} |",
+            f"| the update alone (median of 20) | {update:.4f} | {update / plain:.3f} |",
+        ]
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,6 +105,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", help="auto (the recipe's), bf16, fp32")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps of each kind")
     parser.add_argument("--quick", action="store_true", help="small and short: a smoke test")
+    parser.add_argument("--out", type=Path, default=RESULT, help="where to write the table")
     return parser.parse_args()
 
 
