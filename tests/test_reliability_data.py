@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,38 @@ def test_prepare_removes_what_a_killed_build_left(synthetic_root, finished):
     assert count == 12
     assert not partial.exists()
     assert (folder / "manifest.json").is_file()
+
+
+def test_a_run_starting_during_a_build_waits_for_it(capsys, synthetic_root, monkeypatch):
+    """Two runs started together on the same data: the second must neither remove the files the
+    first is writing (taking them for a killed build's) nor decode the data a second time."""
+    samples = find_pairs(synthetic_root / "train")
+    write_native = cache_module._write_native
+    second = {}
+
+    def prepare_again():
+        second["cache"] = prepare(samples, size=0, progress=False)
+
+    def first_build(*args, **kwargs):  # runs while the first build's files are open
+        if not second:
+            second["thread"] = threading.Thread(target=prepare_again)
+            second["thread"].start()
+            second["thread"].join(timeout=1.0)
+            assert second["thread"].is_alive(), "the second run did not wait for the build"
+        return write_native(*args, **kwargs)
+
+    decoded = []
+    read = cache_module.read_image
+    monkeypatch.setattr(cache_module, "_write_native", first_build)
+    monkeypatch.setattr(
+        cache_module, "read_image", lambda path, **kw: decoded.append(path) or read(path, **kw)
+    )
+    first = prepare(samples, size=0, progress=False)
+    second["thread"].join(timeout=30)
+    assert len(decoded) == len(samples)  # one build, read by both runs
+    for image in range(len(samples)):
+        np.testing.assert_array_equal(second["cache"].get(image)[0], first.get(image)[0])
+    assert "waiting for another medseg process to finish preparing" in capsys.readouterr().err
 
 
 # --- masks without a foreground pixel ---------------------------------------------------------

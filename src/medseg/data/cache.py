@@ -29,10 +29,12 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from medseg.core.errors import MedsegError
 from medseg.core.files import atomic_path, remove_partial_files, write_text
@@ -164,13 +166,44 @@ def prepare(
     position = {sample: index for index, sample in enumerate(pairs)}
     wanted = [position[sample] for sample in samples]
     folder = cache_root() / _cache_key(pairs, layout)
-    with contextlib.suppress(OSError):  # a cache that cannot be cleaned can still be used
-        remove_partial_files(folder)  # what a killed build left: up to the size of the arrays
-    entry = _open(folder, len(pairs), layout)
-    if entry is None:
-        stop_at = set() if skip_bad else set(wanted)
-        entry = _build(folder, pairs, layout, stop_at=stop_at, progress=progress)
+    with _only_builder(folder):
+        with contextlib.suppress(OSError):  # a cache that cannot be cleaned can still be used
+            remove_partial_files(folder)  # what a killed build left: up to the size of the arrays
+        entry = _open(folder, len(pairs), layout)
+        if entry is None:
+            stop_at = set() if skip_bad else set(wanted)
+            entry = _build(folder, pairs, layout, stop_at=stop_at, progress=progress)
     return _select(entry, pairs, wanted, skip_bad=skip_bad, labels=layout.labels)
+
+
+@contextlib.contextmanager
+def _only_builder(folder: Path) -> Iterator[None]:
+    """Hold the cache folder's lock while it is cleaned, opened or built.
+
+    Runs started together on the same data (folds, seeds, a second terminal) would otherwise
+    take each other's files being written for a killed build's leftovers and remove them; with
+    the lock, the later ones wait and then open the cache the first one built. Where no lock
+    file can be made (a read-only cache), the build keeps its arrays in memory anyway.
+    """
+    lock = FileLock(folder / "build.lock") if _writable(folder) else None
+    try:
+        if lock is not None:
+            _acquire(lock, folder)
+    except OSError:  # a file system that refuses locks: go on unlocked
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _acquire(lock: FileLock, folder: Path) -> None:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(f"waiting for another medseg process to finish preparing {folder}")
+        lock.acquire()
 
 
 def _folder_pairs(samples: list[Sample]) -> list[Sample]:
@@ -465,4 +498,8 @@ def _check_foreground(
 
 def _warn(message: str) -> None:
     """One warning line on stderr, as the command line prints its errors."""
-    print(f"medseg: warning: {message}", file=sys.stderr)
+    _say(f"warning: {message}")
+
+
+def _say(message: str) -> None:
+    print(f"medseg: {message}", file=sys.stderr)
