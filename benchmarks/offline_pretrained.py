@@ -38,7 +38,7 @@ from medseg.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-DATASETS = {"isic": SHARED / "isic2017", "jsrt": SHARED / "jsrt", "drive": SHARED / "drive"}
+DATASETS = {"isic": "isic2017", "jsrt": "jsrt", "drive": "drive"}  # name -> folder in --data-root
 LITE = {"lite0": "efficientnet-lite0", "lite1": "efficientnet-lite1", "lite2": "efficientnet-lite2"}
 # name -> (what it is, its settings beside the default recipe's)
 ARMS = {
@@ -69,6 +69,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--time-limit", default="60m", help="each run's limit (0: none)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "offline-pretrained")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="holds the data sets")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="smoke run: a few images, 1 epoch")
     parser.add_argument("--markdown", type=Path, metavar="JSON", help="print a saved result")
@@ -86,11 +87,8 @@ def main() -> int:
     common = dict(parse_override(text) for text in args.set)
     common["train.time_limit"] = 0.0 if args.quick else duration_seconds(args.time_limit)
     for dataset in args.datasets:
-        data = (
-            _quick_subset(DATASETS[dataset], out / "data" / dataset)
-            if args.quick
-            else DATASETS[dataset]
-        )
+        source = args.data_root / DATASETS[dataset]
+        data = _quick_subset(source, out / "data" / dataset) if args.quick else source
         for arm in args.arms:
             for seed in args.seeds:
                 settings = {
@@ -125,6 +123,7 @@ def score(dataset: str, data: Path, run: Path, settings: dict) -> dict:
         "epochs": last["epoch"],
         "planned_epochs": last["config"]["train"]["epochs"],
         "best_epoch": best["epoch"],
+        "val_dice": best["best_dice"],  # what chose best.pt: the held-out part of train/
         "kept": best.get("weights", "weights"),
         "image_size": best["config"]["data"]["image_size"],
         "predict_seconds": time.perf_counter() - started,
@@ -166,13 +165,14 @@ def markdown(result: dict) -> str:
             continue
         classes = next(iter(runs.values())).get("per_class_dice", {})
         clavicles = [name for name in classes if "clavicle" in name]
-        header = ["arm / seed", "Dice", *clavicles, "AUC", "epochs", "min", "best.pt"]
+        header = ["arm / seed", "val Dice", "Dice", *clavicles, "AUC", "epochs", "min", "best.pt"]
         lines += ["", f"**{dataset}**", "", "| " + " | ".join(header) + " |",
                   "|---|" + "---:|" * (len(header) - 2) + "---|"]  # fmt: skip
         for key, run in runs.items():
             auc = f"{run['auc']:.4f}" if run.get("auc") is not None else "-"
             cells = [
                 key.split("/", 1)[1],
+                f"{run['val_dice']:.4f}" if "val_dice" in run else "-",
                 f"{run['dice']:.4f}",
                 *(f"{run['per_class_dice'][name]:.4f}" for name in clavicles),
                 auc,
