@@ -191,11 +191,23 @@ def _only_builder(folder: Path) -> Iterator[None]:
             _acquire(lock, folder)
     except OSError:  # a file system that refuses locks: go on unlocked
         lock = None
+    built = False
     try:
         yield
+        built = True
     finally:
         if lock is not None:
             lock.release()
+        if not built:
+            _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove what a failed first build leaves: the folder with its lock file alone."""
+    with contextlib.suppress(OSError):
+        if [path.name for path in folder.iterdir()] == ["build.lock"]:
+            (folder / "build.lock").unlink()
+            folder.rmdir()
 
 
 def _acquire(lock: FileLock, folder: Path) -> None:
