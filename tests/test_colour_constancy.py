@@ -16,6 +16,7 @@ from medseg.data.folder import SegmentationFolder, find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import (
     SHADES_OF_GRAY_POWER,
+    ImageCorrection,
     colour_constancy,
     eval_transform,
     resize_image,
@@ -74,7 +75,7 @@ def test_gray_none_black_borders_and_a_second_pass_change_nothing(skin):
 def test_training_items_are_corrected_whole_before_augmentation(small_isic):
     samples = find_pairs(small_isic / "train")[:2]
     plain = SegmentationFolder(samples, transform=None)
-    corrected = SegmentationFolder(samples, transform=None, colour=SOG)
+    corrected = SegmentationFolder(samples, transform=None, correction=ImageCorrection(SOG))
     image, mask = plain.load(0)
     got, got_mask = corrected.load(0)
     assert np.array_equal(got, colour_constancy(image, SOG)) and np.array_equal(got_mask, mask)

@@ -28,7 +28,12 @@ from medseg.core.optional import require
 from medseg.core.version import __version__
 from medseg.data.folder import list_images
 from medseg.data.io import read_image
-from medseg.data.transforms import SHADES_OF_GRAY_POWER, normalisation
+from medseg.data.transforms import (
+    CLAHE_CLIP_LIMIT,
+    CLAHE_TILES,
+    SHADES_OF_GRAY_POWER,
+    normalisation,
+)
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from medseg.engine.run_folder import RunFolder
 from medseg.engine.runtime import Precision
@@ -447,6 +452,7 @@ def _describe(config: Config, provenance: Provenance, *, tta: str, opset: int) -
             "resize": "to size, aspect ratio not kept: area averaging where it shrinks, "
             "bilinear where it grows (OpenCV INTER_AREA / INTER_LINEAR)",
             "colour_constancy": _colour_step(data.colour_constancy),
+            "contrast": _contrast_step(data.contrast),
             "scale": "uint8 pixel / 255, then (x - mean) / std per channel",
             "mean": list(mean),
             "std": list(std),
@@ -475,6 +481,17 @@ def _colour_step(method: str) -> str | None:
         f"{method}: per channel c, L_c = mean(x_c ** {SHADES_OF_GRAY_POWER}) ** "
         f"(1/{SHADES_OF_GRAY_POWER}) over the resized image; x_c * sqrt(mean(L ** 2)) / L_c, "
         "rounded and clipped to 0..255"
+    )
+
+
+def _contrast_step(method: str) -> str | None:
+    """What medseg.json tells a runtime to do after the colour step, before scaling."""
+    if method == "none":
+        return None
+    return (
+        f"{method}: OpenCV createCLAHE(clipLimit={CLAHE_CLIP_LIMIT}, tileGridSize=({CLAHE_TILES}, "
+        f"{CLAHE_TILES})) applied to the L channel of cv2.COLOR_RGB2LAB (then back to RGB); "
+        "to each channel of a gray or other image"
     )
 
 

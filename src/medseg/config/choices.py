@@ -37,6 +37,9 @@ AUGMENT_ON = ("loader", "device")
 # Colour constancy (medseg.data.transforms): "shades-of-gray" evens out the colour cast of a
 # clinic's camera and light (Finlayson and Trezzi 2004; Barata et al. 2015 for dermoscopy).
 COLOUR_CONSTANCY = ("none", "shades-of-gray")
+# Local contrast (medseg.data.transforms): "clahe" equalises it tile by tile, the usual
+# preparation of fundus photographs for vessel segmentation.
+CONTRASTS = ("none", "clahe")
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "poly")
@@ -67,6 +70,7 @@ def setting_choices() -> dict[tuple[str, str], tuple]:
         ("data", "augment"): ("auto", *AUGMENTATIONS),
         ("data", "augment_on"): ("auto", *AUGMENT_ON),
         ("data", "colour_constancy"): COLOUR_CONSTANCY,
+        ("data", "contrast"): CONTRASTS,
         ("model", "backbone"): BACKBONES,
         ("model", "variant"): VARIANTS,
         ("model", "output_stride"): OUTPUT_STRIDES,

@@ -58,6 +58,10 @@ class DataConfig:
     # training and prediction alike (medseg.data.transforms.colour_constancy). Off by default:
     # see docs/results.md for what it measured.
     colour_constancy: str = "none"
+    # "clahe": each image's local contrast equalised after any colour correction, in training
+    # and prediction alike (medseg.data.transforms.local_contrast). Off by default: see
+    # docs/results.md for what it measured.
+    contrast: str = "none"
     skip_bad: bool = False  # leave out unreadable images (listed) instead of stopping
     # Class names by label value, from the data root's dataset.json; empty: binary masks read
     # by the half-range rule (medseg.data.io). Planned from the data.

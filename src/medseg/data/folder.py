@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from medseg.core.errors import MedsegError
 from medseg.data.io import IMAGE_EXTENSIONS, image_size, read_error, read_image, read_target
-from medseg.data.transforms import colour_constancy
+from medseg.data.transforms import ImageCorrection
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -206,23 +206,23 @@ class SegmentationFolder(Dataset):
         cache=None,
         channels: int = 3,
         labels: list[str] | tuple[str, ...] = (),
-        colour: str = "none",
+        correction: ImageCorrection | None = None,
     ):
         self.samples = samples
         self.transform = transform
         self.cache = cache  # optional PreparedCache: arrays decoded and resized once
         self.channels = channels  # for reading without a cache
         self.labels = labels
-        self.colour = colour  # data.colour_constancy, applied by `load`
+        self.correction = correction or ImageCorrection()  # applied by `load`
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The uint8 image (H, W, C), whole and colour-corrected, and uint8 target (H, W) of
-        one sample, before any augmentation (and any patch cut from them)."""
+        """The uint8 image (H, W, C), whole and corrected (`ImageCorrection`), and uint8 target
+        (H, W) of one sample, before any augmentation (and any patch cut from them)."""
         image, mask = self._read(index)
-        return colour_constancy(image, self.colour), mask
+        return self.correction(image), mask
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is not None:

@@ -36,7 +36,7 @@ from medseg.data.patches import PatchFolder, patches_per_image
 from medseg.data.plan import describe_classes, plan, planned_epochs
 from medseg.data.sampler import EpochSampler
 from medseg.data.splits import Split, fold_samples
-from medseg.data.transforms import eval_transform, train_transform
+from medseg.data.transforms import ImageCorrection, eval_transform, train_transform
 from medseg.drawing import plot_training_curves
 from medseg.engine import budget
 from medseg.engine.budget import TimeBudget, budget_spent
@@ -703,7 +703,7 @@ def _datasets(data: DataConfig, train_cache, val_cache) -> tuple[Dataset, Segmen
         train_cache.samples,
         train_transform(data.image_size, data.augment, **pixels),
         cache=train_cache,
-        colour=data.colour_constancy,
+        correction=ImageCorrection.of(data),
     )
     if patches:
         train_set = PatchFolder(
@@ -714,7 +714,7 @@ def _datasets(data: DataConfig, train_cache, val_cache) -> tuple[Dataset, Segmen
         )
     val_transform = eval_transform(None if patches else data.image_size, **pixels)
     val_set = SegmentationFolder(
-        val_cache.samples, val_transform, cache=val_cache, colour=data.colour_constancy
+        val_cache.samples, val_transform, cache=val_cache, correction=ImageCorrection.of(data)
     )
     return train_set, val_set
 
@@ -745,11 +745,11 @@ def augment_on_device(data: DataConfig, device: torch.device) -> bool:
     The device pipelines are those of RGB photographs without colour correction; other data is
     augmented in the loader.
     """
-    corrected = data.colour_constancy != "none"  # by the loader's `SegmentationFolder.load`
+    corrected = bool(ImageCorrection.of(data))  # by the loader's `SegmentationFolder.load`
     if data.augment_on == "device" and corrected:
         raise MedsegError(
-            f"data.colour_constancy={data.colour_constancy} is applied in the loader: use "
-            f"data.augment_on=loader (or auto)"
+            f"data.colour_constancy={data.colour_constancy} and data.contrast={data.contrast} "
+            f"are applied in the loader: use data.augment_on=loader (or auto)"
         )
     supported = data.augment in DEVICE_PIPELINES and data.channels == 3 and not corrected
     if data.augment_on == "device" and not supported:

@@ -243,9 +243,14 @@ def _pooling(model) -> str:
 
 
 def _colour(data) -> str:
-    if data.colour_constancy == "none":
+    steps = []
+    if data.colour_constancy != "none":
+        steps.append(f"colour-corrected ({data.colour_constancy})")
+    if data.contrast != "none":
+        steps.append(f"contrast-equalised ({data.contrast})")
+    if not steps:
         return ""
-    return f", colour-corrected ({data.colour_constancy}, on the whole image at that scale)"
+    return f", {' then '.join(steps)} on the whole image at that scale"
 
 
 def _input_size(data) -> str:

@@ -25,7 +25,7 @@ from medseg.config.choices import DEFAULT_TTA
 from medseg.core.errors import MedsegError
 from medseg.data.io import to_channels
 from medseg.data.transforms import (
-    colour_constancy,
+    ImageCorrection,
     eval_transform,
     resize_image,
     resize_probabilities,
@@ -156,12 +156,12 @@ class Predictor(Segmenter):
     def _pixels(self, image: np.ndarray) -> np.ndarray:
         """``image`` as training's loader gave it to the augmentation: the checkpoint's
         channels, at the network's scale (resized, or whole for a patch-trained model), its
-        colour corrected (``data.colour_constancy``)."""
+        colour and contrast corrected (`ImageCorrection`)."""
         data = self.config.data
         pixels = to_channels(image, data.channels)
         if not self.patches:
             pixels = resize_image(pixels, data.image_size)
-        return colour_constancy(pixels, data.colour_constancy)
+        return ImageCorrection.of(data)(pixels)
 
     @torch.no_grad()
     def probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
