@@ -21,6 +21,7 @@ from medseg.data.folder import SegmentationFolder, find_pairs
 from medseg.data.patches import PatchFolder, cut_patch, patch_corner, patches_per_image
 from medseg.data.plan import plan
 from medseg.data.transforms import train_transform
+from medseg.prediction import resolve_tta
 from medseg.prediction.predictor import Predictor
 
 
@@ -61,9 +62,13 @@ def test_thin_structures_plan_patches_and_blobs_plan_a_resize(vessel_root, synth
     assert "patches of 128×128 at the images' own resolution" in printed
     assert planned.model.decoder_stride == 2 and "decoder at stride 2" in printed
     assert planned.model.pooling_window == 128 and "image pooling over 128-pixel" in printed
+    # No zoom or blur to change what a one-pixel structure is; flips stay, and so flip TTA.
+    assert planned.data.augment == "seed" and "augmentation 'seed'" in printed
+    assert resolve_tta("auto", planned) == "flip"
     blobs = plan(build_config(), synthetic_root)
     assert blobs.data.mode == "resize" and blobs.data.image_size > 0
     assert blobs.model.decoder_stride == 4 and blobs.model.pooling_window == 0  # global
+    assert blobs.data.augment == "default"
 
 
 def test_the_mode_and_size_a_config_sets_are_kept(vessel_root):

@@ -20,7 +20,7 @@ def resolve_tta(mode: str, config: Config) -> str:
     if mode == "auto":
         augment = config.data.augment
         if augment == "auto":  # a config never planned (built by hand): what training plans
-            augment = augmentation_for(config.data.labels)
+            augment = augmentation_for(config.data.labels, config.data.mode)
         return "flip" if augment in FLIPPING_AUGMENTATIONS else "none"
     tta_views(mode)  # validate
     return mode
