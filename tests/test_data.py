@@ -428,7 +428,7 @@ def test_drop_last_gives_equal_shares_without_repeats():
 # --- SegmentationFolder --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("augment", ["default", "seed"])
+@pytest.mark.parametrize("augment", ["default", "seed", "thin"])
 def test_item_shapes_dtypes_and_seeded_augmentation(samples, augment):
     dataset = SegmentationFolder(samples, train_transform(32, augment))
     item = dataset[(4, 123)]
@@ -444,6 +444,24 @@ def test_item_shapes_dtypes_and_seeded_augmentation(samples, augment):
     assert torch.equal(again["image"], item["image"])
     assert torch.equal(again["mask"], item["mask"])
     assert not torch.equal(dataset[(4, 124)]["image"], item["image"])
+
+
+def test_thin_moves_a_structure_as_seed_does_and_only_adds_colour():
+    # A gray image crossed by one-pixel lines: "thin" must warp them exactly as the seed's
+    # pipeline does (no zoom, no blur), while its colour jitter moves the image's gray level.
+    image = np.full((64, 64, 3), 128, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[30, :], mask[:, 20] = 1, 1
+    seed, thin = train_transform(64, "seed"), train_transform(64, "thin")
+    levels = []
+    for draw in range(20):
+        seed.set_random_seed(draw)
+        thin.set_random_seed(draw)
+        plain, coloured = seed(image=image, mask=mask), thin(image=image, mask=mask)
+        assert torch.equal(plain["mask"], coloured["mask"])
+        levels.append([float(out["image"][:, 24:40, 24:40].mean()) for out in (plain, coloured)])
+    plain_spread, coloured_spread = np.std(levels, axis=0)
+    assert plain_spread < 0.02 < 0.05 < coloured_spread  # noise alone against ±20% brightness
 
 
 def test_eval_item_is_the_normalised_resized_pair(samples):

@@ -63,7 +63,7 @@ def test_thin_structures_plan_patches_and_blobs_plan_a_resize(vessel_root, synth
     assert planned.model.decoder_stride == 2 and "decoder at stride 2" in printed
     assert planned.model.pooling_window == 128 and "image pooling over 128-pixel" in printed
     # No zoom or blur to change what a one-pixel structure is; flips stay, and so flip TTA.
-    assert planned.data.augment == "seed" and "augmentation 'seed'" in printed
+    assert planned.data.augment == "thin" and "augmentation 'thin'" in printed
     assert resolve_tta("auto", planned) == "flip"
     blobs = plan(build_config(), synthetic_root)
     assert blobs.data.mode == "resize" and blobs.data.image_size > 0

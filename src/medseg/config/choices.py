@@ -28,10 +28,11 @@ MULTI_CLASS_LOSSES = ("dice_bce", "dice", "iou")
 PER_IMAGE_LOSSES = ("dice_bce", "dice", "dice_focal")  # those that can average Dice per image
 
 # Training pipelines (medseg.data.transforms): "default" (dermoscopy), "anatomy" (no flips:
-# sided anatomy, gray or colour), "seed" (the specification's), "none".
-AUGMENTATIONS = ("default", "anatomy", "seed", "none")
+# sided anatomy, gray or colour), "seed" (the specification's), "thin" (the seed's geometry,
+# no zoom or blur, with the default's colour: structures a pixel or two wide), "none".
+AUGMENTATIONS = ("default", "anatomy", "seed", "thin", "none")
 # Pipelines whose flips make the network see both orientations, so flip TTA is meaningful.
-FLIPPING_AUGMENTATIONS = ("default", "seed")
+FLIPPING_AUGMENTATIONS = ("default", "seed", "thin")
 DATA_MODES = ("resize", "patch")
 AUGMENT_ON = ("loader", "device")
 # Colour constancy (medseg.data.transforms): "shades-of-gray" evens out the colour cast of a

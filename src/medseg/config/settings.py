@@ -48,7 +48,8 @@ class DataConfig:
     mask_suffix: str = "_segmentation"  # masks/<id><mask_suffix>.png pairs with images/<id>.jpg
     val_fraction: float = 0.1  # share of train/ held out for validation when there is no val/
     # "default" (dermoscopy: flips, turns, colour), "anatomy" (no flips: anatomy has a left
-    # and a right), "seed" (the specification's), "none"; "auto": planned from the data.
+    # and a right), "seed" (the specification's), "thin" (no zoom or blur, with colour: vessels),
+    # "none"; "auto": planned from the data.
     augment: str = "auto"
     num_workers: int = 0  # DataLoader processes; 0 loads in the training process
     # Where training batches are augmented: "loader" (Albumentations in the DataLoader),

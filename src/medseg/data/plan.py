@@ -20,8 +20,8 @@ the run's config.yaml and checkpoints record the result, so prediction never pla
   of their size, 0.92 to half (README Results).
 - Augmentation: "default" (flips and turns) for binary masks; "anatomy" (no flips) for label
   maps, whose classes often have a side (a right and a left lung). Binary masks trained on
-  patches get "seed" (flips, small turns, noise): the default's zoom and blur change what a
-  structure one pixel wide is (measured on DRIVE: README Results).
+  patches get "thin" (flips, small turns, colour, noise): the default's zoom and blur change
+  what a structure one pixel wide is (measured on DRIVE: README Results).
 - Epochs (`planned_epochs`, once the batches are known): `MIN_EPOCHS`, the default recipe's
   (ISIC: 95 steps an epoch), or as many as make `MIN_STEPS` optimizer steps on a small data
   set (JSRT's 112 training images are 7 steps an epoch), as nnU-Net fixes the number of
@@ -113,7 +113,7 @@ def augmentation_for(labels: list[str] | tuple[str, ...], mode: str = "resize") 
     """The training augmentation "auto" stands for: see the module docstring."""
     if len(labels) > 2:
         return "anatomy"
-    return "seed" if mode == "patch" else "default"
+    return "thin" if mode == "patch" else "default"
 
 
 def describe_classes(config: Config) -> str:

@@ -216,13 +216,13 @@ def train_transform(
     if augment == "anatomy":
         return A.Compose([*_anatomy_geometry(size), *_anatomy_intensity(), *_to_network(channels)])
     if augment == "seed":
+        return A.Compose([*_seed_geometry(size, label_map), _seed_noise(), *_to_network(channels)])
+    if augment == "thin":
         return A.Compose(
             [
-                ResizeSquare(size, label_map=label_map),
-                A.HorizontalFlip(p=0.5),
-                A.VerticalFlip(p=0.5),
-                A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, p=0.5),
-                A.GaussNoise(std_range=(0.02, 0.1), p=0.2),
+                *_seed_geometry(size, label_map),
+                *_camera_colour(),
+                _seed_noise(),
                 *_to_network(channels),
             ]
         )
@@ -246,13 +246,33 @@ def _dermoscopy_geometry(size: int) -> list:
     ]
 
 
-def _dermoscopy_colour() -> list:
-    # Cameras, lighting and skin types differ between clinics: vary brightness, contrast,
-    # saturation and hue a little, plus sensor noise and blur. Hue stays small: lesion colour
-    # carries meaning.
+def _seed_geometry(size: int, label_map: bool) -> list:
+    # The specification's: no zoom, so a structure one pixel wide stays one pixel wide.
+    return [
+        ResizeSquare(size, label_map=label_map),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, p=0.5),
+    ]
+
+
+def _seed_noise() -> A.BasicTransform:
+    return A.GaussNoise(std_range=(0.02, 0.1), p=0.2)
+
+
+def _camera_colour() -> list:
+    # Cameras, lighting and skin or fundus pigmentation differ between clinics: vary brightness,
+    # contrast, saturation and hue a little. Hue stays small: colour carries meaning.
     return [
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
         A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+    ]
+
+
+def _dermoscopy_colour() -> list:
+    # The camera's colour, plus sensor noise or the blur of a lens slightly out of focus.
+    return [
+        *_camera_colour(),
         A.OneOf([A.GaussNoise(std_range=(0.02, 0.06)), A.GaussianBlur(blur_limit=(3, 5))], p=0.2),
     ]
 
