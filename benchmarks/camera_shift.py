@@ -42,7 +42,11 @@ def _scaled(gains: tuple[float, float, float]) -> Callable[[np.ndarray], np.ndar
 
 
 def _contrast(factor: float) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda image: image.mean(axis=(0, 1)) + factor * (image - image.mean(axis=(0, 1)))
+    def shift(image: np.ndarray) -> np.ndarray:
+        mean = image.mean(axis=(0, 1))  # each channel's, so the colour balance stays
+        return mean + factor * (image - mean)
+
+    return shift
 
 
 def _gamma(power: float) -> Callable[[np.ndarray], np.ndarray]:

@@ -461,7 +461,7 @@ def test_thin_moves_a_structure_as_seed_does_and_only_adds_colour():
         assert torch.equal(plain["mask"], coloured["mask"])
         levels.append([float(out["image"][:, 24:40, 24:40].mean()) for out in (plain, coloured)])
     plain_spread, coloured_spread = np.std(levels, axis=0)
-    assert plain_spread < 0.02 < 0.05 < coloured_spread  # noise alone against ±20% brightness
+    assert plain_spread < 0.02 and coloured_spread > 0.05  # noise alone against ±20% brightness
 
 
 def test_eval_item_is_the_normalised_resized_pair(samples):
