@@ -7,7 +7,8 @@ import torch
 
 from medseg.config import build_config
 from medseg.data.plan import MIN_EPOCHS, MIN_PATCH_STEPS, MIN_STEPS, planned_epochs
-from medseg.engine.train import build_scheduler, learning_rate_factor
+from medseg.engine.train import build_optimizer, build_scheduler, learning_rate_factor
+from medseg.model import DeepLabV3Plus
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,36 @@ def test_the_scheduler_follows_the_factor_over_the_run():
     assert rates[5] == pytest.approx(0.2)  # warm-up over after one epoch of 5 steps
     assert rates[5:] == sorted(rates[5:], reverse=True)  # cosine only goes down
     assert rates[-1] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 14 / 15)))
+
+
+def _rates_by_part(optimizer, model):
+    """Each parameter's learning rate, gathered as {"backbone": {rates}, "head": {rates}}."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    rates = {"backbone": set(), "head": set()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            rates["backbone" if id(parameter) in backbone else "head"].add(group["lr"])
+    return rates
+
+
+def test_the_backbone_learns_at_its_share_of_the_rate_through_the_schedule():
+    model = DeepLabV3Plus(backbone="resnet18")
+    overrides = {"train.lr": 1e-3, "train.epochs": 2, "train.backbone_lr_factor": 0.1}
+    config = build_config(overrides=overrides)
+    optimizer = build_optimizer(model, config)
+    assert _rates_by_part(optimizer, model) == {"backbone": {1e-4}, "head": {1e-3}}
+    assert optimizer.param_groups[0]["lr"] == 1e-3  # the logged rate is the head's peak
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=5)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    head, backbone = (_rates_by_part(optimizer, model)[part] for part in ("head", "backbone"))
+    assert len(head) == len(backbone) == 1 and 0 < head.pop() == pytest.approx(10 * backbone.pop())
+    counted = sum(len(group["params"]) for group in optimizer.param_groups)
+    assert counted == len(list(model.parameters()))  # every parameter in exactly one group
+    one_rate = build_optimizer(model, build_config(overrides={"train.lr": 1e-3}))
+    assert _rates_by_part(one_rate, model) == {"backbone": {1e-3}, "head": {1e-3}}
+    assert len(one_rate.param_groups) == 2  # as before the factor: decayed or not
 
 
 @pytest.mark.parametrize(

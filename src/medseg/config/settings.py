@@ -103,6 +103,9 @@ class TrainConfig:
     batch_size: int = 16
     optimizer: str = "adamw"  # "adam" or "adamw"
     lr: float = 1e-3  # peak learning rate
+    # The backbone's learning rate as a share of lr: below 1 changes pretrained features more
+    # slowly than the new ASPP and decoder (the usual fine-tuning split). 1: one rate for all.
+    backbone_lr_factor: float = 1.0
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # "constant", "cosine" or "poly" (each after the warm-up)
     warmup_epochs: float = 1.0  # linear warm-up from lr/100, in epochs (fractions allowed)
@@ -218,6 +221,7 @@ RANGES = {
     ("train", "epochs"): NON_NEGATIVE,
     ("train", "batch_size"): Range(low=1),
     ("train", "lr"): POSITIVE,
+    ("train", "backbone_lr_factor"): POSITIVE,
     ("train", "weight_decay"): NON_NEGATIVE,
     ("train", "warmup_epochs"): NON_NEGATIVE,
     ("train", "freeze_backbone_epochs"): NON_NEGATIVE,

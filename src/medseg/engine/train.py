@@ -765,18 +765,33 @@ def augment_on_device(data: DataConfig, device: torch.device) -> bool:
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     settings = config.train
-    # No weight decay on BatchNorm scales and biases: decaying them only fights the normalisation.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = parameter_groups(model, settings)
     optimizer_class = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     try:  # one fused kernel for all parameters, far faster on a CPU than the per-tensor loop
         return optimizer_class(groups, lr=settings.lr, fused=True)
     except RuntimeError:  # torch < 2.4 has no fused CPU kernel
         return optimizer_class(groups, lr=settings.lr)
+
+
+def parameter_groups(model: nn.Module, settings: Any) -> list[dict[str, Any]]:
+    """The optimizer's groups: no weight decay on BatchNorm scales and biases (decaying them
+    only fights the normalisation), and, with ``backbone_lr_factor`` below 1, the backbone's
+    parameters at that share of the learning rate, after the head's groups (so that the first
+    group's rate, the one logged, is the peak)."""
+    slower = settings.backbone_lr_factor != 1
+    backbone = {id(p) for p in model.backbone.parameters()} if slower else set()
+    parts = [
+        ([p for p in model.parameters() if id(p) not in backbone], settings.lr),
+        ([p for p in model.parameters() if id(p) in backbone], settings.lr * settings.backbone_lr_factor),
+    ]
+    groups = []
+    for parameters, lr in parts:
+        for decay in (True, False):
+            chosen = [p for p in parameters if (p.ndim > 1) == decay]
+            if chosen:
+                weight_decay = settings.weight_decay if decay else 0.0
+                groups.append({"params": chosen, "weight_decay": weight_decay, "lr": lr})
+    return groups
 
 
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
