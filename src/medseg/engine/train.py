@@ -782,7 +782,10 @@ def parameter_groups(model: nn.Module, settings: Any) -> list[dict[str, Any]]:
     backbone = {id(p) for p in model.backbone.parameters()} if slower else set()
     parts = [
         ([p for p in model.parameters() if id(p) not in backbone], settings.lr),
-        ([p for p in model.parameters() if id(p) in backbone], settings.lr * settings.backbone_lr_factor),
+        (
+            [p for p in model.parameters() if id(p) in backbone],
+            settings.lr * settings.backbone_lr_factor,
+        ),
     ]
     groups = []
     for parameters, lr in parts:
