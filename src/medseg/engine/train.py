@@ -23,7 +23,14 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from medseg.config import Config, DataConfig, config_from_dict, read_saved_config, save_config
+from medseg.config import (
+    Config,
+    DataConfig,
+    TrainConfig,
+    config_from_dict,
+    read_saved_config,
+    save_config,
+)
 from medseg.core.console import records_console
 from medseg.core.errors import MedsegError
 from medseg.core.files import check_writable, write_csv
@@ -773,7 +780,7 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         return optimizer_class(groups, lr=settings.lr)
 
 
-def parameter_groups(model: nn.Module, settings: Any) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, settings: TrainConfig) -> list[dict[str, Any]]:
     """The optimizer's groups: no weight decay on BatchNorm scales and biases (decaying them
     only fights the normalisation), and, with ``backbone_lr_factor`` below 1, the backbone's
     parameters at that share of the learning rate, after the head's groups (so that the first
