@@ -4,11 +4,12 @@
     python benchmarks/speed.py --epoch-steps 20   # the epoch extrapolated from 20 steps
     python benchmarks/speed.py --quick         # smoke run: 128×128, batch 4, few steps (~2 min)
     python benchmarks/speed.py --compile       # also the recipe under torch.compile
+    python benchmarks/speed.py --backbone efficientnet-lite0 --models bf16-cl fp32-cl
 
 Measures, on one device (``--device``, default the GPU when there is one):
 
-- training and inference images/s of medseg's DeepLabv3+ (ResNet-50, seed variant) in its
-  default recipe, with bf16/float32 × channels_last/NCHW measured so the defaults can be checked;
+- training and inference images/s of medseg's DeepLabv3+ (ResNet-50, or ``--backbone``; seed
+  variant) in its default recipe, with bf16/float32 × channels_last/NCHW measured so the defaults can be checked;
 - the same network the usual way: float32, NCHW, a plain PyTorch loop (model, loss, backward,
   ``torch.optim.AdamW`` with its defaults);
 - segmentation_models_pytorch DeepLabV3Plus-ResNet50 and torchvision deeplabv3_resnet50 in the
@@ -29,6 +30,7 @@ than at 256×256, batch 16, so its ratios say nothing about the targets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -125,6 +127,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="also the recipe, torch.compiled")
     parser.add_argument(
+        "--backbone", default="resnet50", help="medseg's encoder (smp stays ResNet-50)"
+    )
+    parser.add_argument(
         "--models", nargs="+", choices=list(MODELS), help="only these rows (default: all)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -144,7 +149,7 @@ def json_name(args) -> str:
 
 
 def common_spec(args, device: torch.device) -> dict[str, Any]:
-    keys = ("size", "batch", "repeats", "steps", "warmup", "num_workers")
+    keys = ("size", "batch", "repeats", "steps", "warmup", "num_workers", "backbone")
     return {key: getattr(args, key) for key in keys} | {"device": str(device)}
 
 
@@ -254,12 +259,13 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
     return peak
 
 
-def build_network(network: str) -> nn.Module:
+def build_network(network: str, backbone: str = "resnet50") -> nn.Module:
     if network == "medseg":
         from medseg.config import Config
         from medseg.model import DeepLabV3Plus
 
-        return DeepLabV3Plus.from_config(Config().model, pretrained=False)
+        settings = dataclasses.replace(Config().model, backbone=backbone)
+        return DeepLabV3Plus.from_config(settings, pretrained=False)
     if network == "smp":
         import segmentation_models_pytorch as smp
 
@@ -312,7 +318,8 @@ def measure_model(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     config = Config()
     precision = select_precision(precision_name, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_network(network_name).to(device, memory_format=memory_format)
+    model = build_network(network_name, spec.get("backbone", "resnet50"))
+    model = model.to(device, memory_format=memory_format)
     network = CompiledOrEager(model) if name == "compiled" else model
     loss_fn = build_loss(config.train.loss, **loss_settings(config.train))
     batch = synthetic_batch(spec, device)
