@@ -72,7 +72,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18, resnet34, resnet50, resnet101
+    # resnet18, resnet34, resnet50, resnet101; efficientnet-lite0, -lite1, -lite2 (medseg[lite])
+    backbone: str = "resnet50"
     variant: str = "seed"  # "seed": layers 1-3 as specified; "paper": Chen et al. 2018
     output_stride: int = 16  # 16, or 8 for the paper variant
     pretrained: bool | str = True  # ImageNet weights from torchvision, or a local .pth path
