@@ -205,7 +205,7 @@ def onnx_exports(tiny_checkpoint, multiclass_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["binary", "multiclass"])
-@pytest.mark.parametrize("tta", ["none", "d4"])
+@pytest.mark.parametrize("tta", ["none", "d4", "flip-scales"])
 def test_onnx_masks_equal_the_pytorch_masks(
     kind, tta, onnx_exports, tiny_checkpoint, multiclass_checkpoint
 ):

@@ -13,14 +13,15 @@ from torch import nn
 
 from medseg.cli import build_parser, main
 from medseg.commands.predict import predict
-from medseg.config.choices import DEFAULT_TTA, TTA_MODES
+from medseg.config import build_config
+from medseg.config.choices import DEFAULT_TTA, TTA_MODES, TTA_SCALES
 from medseg.core.errors import MedsegError
 from medseg.data.cache import prepare
 from medseg.data.folder import find_pairs
 from medseg.data.io import read_image
 from medseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from medseg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from medseg.engine.runtime import Precision
+from medseg.engine.runtime import Precision, select_precision
 from medseg.prediction.outputs import RECORD_NAME
 from medseg.prediction.postprocess import keep_largest_component
 from medseg.prediction.predictor import Predictor, _orient, _unorient, tta_views
@@ -76,19 +77,65 @@ def asymmetric(size: int = 5) -> torch.Tensor:
 @pytest.mark.parametrize("view", tta_views("d4"))
 def test_unorient_undoes_orient(view):
     batch = asymmetric()
-    assert torch.equal(_unorient(_orient(batch, *view), *view), batch)
+    turned = _orient(batch, view.turns, view.flip)
+    assert torch.equal(_unorient(turned, view.turns, view.flip), batch)
 
 
 @pytest.mark.parametrize(("mode", "count"), [("none", 1), ("flip", 4), ("d4", 8)])
 def test_tta_views_are_distinct_orientations(mode, count):
     views = tta_views(mode)
-    oriented = {tuple(_orient(asymmetric(), *view).flatten().tolist()) for view in views}
+    oriented = {
+        tuple(_orient(asymmetric(), view.turns, view.flip).flatten().tolist()) for view in views
+    }
     assert len(views) == len(oriented) == count
+    assert {view.scale for view in views} == {1.0}
+
+
+def test_flip_scales_are_the_four_flips_at_each_scale():
+    views = tta_views("flip-scales")
+    assert len(views) == 4 * len(TTA_SCALES) and 1.0 in TTA_SCALES
+    for scale in TTA_SCALES:
+        at_scale = [view._replace(scale=1.0) for view in views if view.scale == scale]
+        assert at_scale == tta_views("flip")
+
+
+def test_flip_scales_feeds_each_scale_and_averages_at_the_network_size(tiny_checkpoint):
+    predictor = Predictor.from_checkpoint(
+        tiny_checkpoint, device="cpu", precision="fp32", tta="flip-scales"
+    )
+    predictor.network = recorder = Recorder(predictor.network)
+    image = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+
+    (probability,) = predictor.probabilities([image])
+
+    size = predictor.config.data.image_size
+    sides = sorted({batch.shape[-1] for batch in recorder.inputs})
+    assert sides == sorted(round(size * scale / 16) * 16 for scale in TTA_SCALES)
+    assert all(batch.is_contiguous(memory_format=torch.channels_last) for batch in recorder.inputs)
+    assert probability.shape == (90, 70) and 0 <= probability.min() <= probability.max() <= 1
+    # The views at scale 1 alone are what flip TTA gives; the other scales move the average.
+    flip = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32", tta="flip")
+    assert not np.allclose(probability, flip.probabilities([image])[0], atol=1e-4)
+
+
+def test_a_network_that_ignores_scale_gives_the_same_probabilities_at_every_scale():
+    class Flat(nn.Module):  # the same logit everywhere, whatever the input's size
+        def forward(self, batch):
+            return torch.full_like(batch[:, :1], 0.7)
+
+    config = build_config(overrides={"data.image_size": 64})
+    cpu = torch.device("cpu")
+    predictor = Predictor(Flat(), config, cpu, select_precision("fp32", cpu), tta="flip-scales")
+    image = np.zeros((50, 40, 3), dtype=np.uint8)
+    (probability,) = predictor.probabilities([image])
+    assert probability.shape == (50, 40)
+    assert np.allclose(probability, 1 / (1 + np.exp(-0.7)), atol=1e-6)
 
 
 def test_flip_views_are_the_four_flips():
     batch = asymmetric()
-    flips = {tuple(_orient(batch, *view).flatten().tolist()) for view in tta_views("flip")}
+    views = tta_views("flip")
+    flips = {tuple(_orient(batch, view.turns, view.flip).flatten().tolist()) for view in views}
     expected = [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1).flip(-2)]
     assert flips == {tuple(image.flatten().tolist()) for image in expected}
 

@@ -506,8 +506,9 @@ def _add_inference_flags(parser, *, postprocess_default: bool) -> None:
         const=choices.DEFAULT_TTA,
         default=choices.DEFAULT_TTA,
         choices=choices.TTA_MODES,
-        help="test-time augmentation: flip (the four flips), d4 (adds 90° turns), none; auto: "
-        "flip where the network was trained on flipped images, else none",
+        help="test-time augmentation: flip (the four flips), d4 (adds 90° turns), flip-scales "
+        "(the four flips at 0.5 to 1.75 times the network's input size), none; auto: flip "
+        "where the network was trained on flipped images, else none",
     )
     parser.add_argument(
         "--threshold",

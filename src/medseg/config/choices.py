@@ -49,9 +49,12 @@ DEVICE_FORMS = "auto, cpu, mps, cuda or cuda:N (N: a GPU's index, e.g. cuda:0)"
 
 # Prediction (medseg.prediction): test-time augmentation. "auto" is resolved per checkpoint:
 # the flips only where the network was trained on flipped images; a network that never saw a
-# flipped chest would read a flipped one with its lungs swapped.
-TTA_MODES = ("auto", "none", "flip", "d4")
+# flipped chest would read a flipped one with its lungs swapped. "flip-scales": the four flips
+# at each of TTA_SCALES times the network's input size, the DeepLabv3+ paper's multi-scale
+# inputs (Chen et al. 2018, section 4.4).
+TTA_MODES = ("auto", "none", "flip", "d4", "flip-scales")
 DEFAULT_TTA = "auto"
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 # Training's loggers beside train.log (medseg.engine.tracking): --log, each an extra.
 TRACKERS = ("tensorboard", "mlflow")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medseg.config import Config
 from medseg.config.choices import DEFAULT_TTA
@@ -35,7 +36,13 @@ from medseg.engine.sliding_window import blend_tiles, tile_for_image
 from medseg.formats.source import CHECKPOINT, KFOLD, Checkpoint, ModelSource, resolve_source
 from medseg.prediction.ensemble import EnsemblePredictor
 from medseg.prediction.loading import Network, load_model
-from medseg.prediction.segmenter import Segmenter, check_threshold, resolve_tta, tta_views
+from medseg.prediction.segmenter import (
+    Segmenter,
+    View,
+    check_threshold,
+    resolve_tta,
+    tta_views,
+)
 
 __all__ = ["EnsemblePredictor", "Predictor", "check_threshold", "resolve_tta", "tta_views"]
 
@@ -182,18 +189,23 @@ class Predictor(Segmenter):
             for probability, image in zip(maps, images, strict=True)
         ]
 
+    def views(self) -> list[View]:
+        """The TTA views whose probabilities are averaged: those of the mode that runs."""
+        return tta_views(self.tta)
+
     def _scores(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, outputs, h, w) probabilities of a network-ready batch, averaged over TTA views."""
-        views = tta_views(self.tta)
+        """(N, outputs, h, w) probabilities of a network-ready batch, averaged over TTA views
+        (each turned, flipped and rescaled back to the batch's own grid first)."""
+        views = self.views()
         total = None
-        for turns, flip in views:
-            view = _orient(batch, turns, flip)
+        for view in views:
+            oriented = _orient(_rescale(batch, view.scale), view.turns, view.flip)
             with self.precision.autocast(self.device):
-                logits = self.network(view)
+                logits = self.network(oriented)
             scores = (
                 logits.float().softmax(1) if self.multi_class else torch.sigmoid(logits.float())
             )
-            scores = _unorient(scores, turns, flip)
+            scores = _resize(_unorient(scores, view.turns, view.flip), batch.shape[-2:])
             total = scores if total is None else total + scores
         return total / len(views)
 
@@ -218,6 +230,28 @@ class Predictor(Segmenter):
             device=self.device,
         )[0].cpu().numpy()  # fmt: skip
         return maps if self.multi_class else maps[0]
+
+
+def _rescale(batch: torch.Tensor, scale: float) -> torch.Tensor:
+    """``batch`` resized by ``scale`` to sides that are multiples of 16 (the network's stride)."""
+    if scale == 1.0:
+        return batch
+    size = [max(16, round(side * scale / 16) * 16) for side in batch.shape[-2:]]
+    channels_last = batch.is_contiguous(memory_format=torch.channels_last)
+    resized = _resize(batch, size)  # in the batch's memory layout, which the network expects
+    return (
+        resized.contiguous(memory_format=torch.channels_last)
+        if channels_last
+        else resized.contiguous()
+    )
+
+
+def _resize(batch: torch.Tensor, size) -> torch.Tensor:
+    """``batch`` bilinearly resized to ``size`` (antialiased when it shrinks); as it is if equal."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    shrinks = size[0] < batch.shape[-2] or size[1] < batch.shape[-1]
+    return F.interpolate(batch, size=list(size), mode="bilinear", antialias=shrinks)
 
 
 def _orient(batch: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:

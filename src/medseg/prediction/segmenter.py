@@ -4,10 +4,12 @@ post-processing)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from medseg.config import Config
-from medseg.config.choices import FLIPPING_AUGMENTATIONS, TTA_MODES
+from medseg.config.choices import FLIPPING_AUGMENTATIONS, TTA_MODES, TTA_SCALES
 from medseg.core.errors import MedsegError
 from medseg.data.plan import augmentation_for
 from medseg.metrics import binarize
@@ -26,17 +28,29 @@ def resolve_tta(mode: str, config: Config) -> str:
     return mode
 
 
-def tta_views(mode: str) -> list[tuple[int, bool]]:
-    """(quarter turns, horizontal flip) pairs: 'flip' = 4 flips, 'd4' = all 8 symmetries.
+class View(NamedTuple):
+    """One TTA view: the image turned by quarter turns, flipped left-right, rescaled."""
+
+    turns: int
+    flip: bool
+    scale: float = 1.0
+
+
+def tta_views(mode: str) -> list[View]:
+    """The views of ``mode``: 'flip' the 4 flips, 'd4' all 8 symmetries, 'flip-scales' the 4 flips
+    at each of `TTA_SCALES`.
 
     ``mode`` is a resolved mode (see `resolve_tta`), not "auto".
     """
+    flips = [View(0, False), View(0, True), View(2, False), View(2, True)]  # id, h, 180° (h+v), v
     if mode == "none":
-        return [(0, False)]
+        return [View(0, False)]
     if mode == "flip":
-        return [(0, False), (0, True), (2, False), (2, True)]  # id, h-flip, 180° (=h+v), v-flip
+        return flips
     if mode == "d4":
-        return [(turns, flip) for turns in range(4) for flip in (False, True)]
+        return [View(turns, flip) for turns in range(4) for flip in (False, True)]
+    if mode == "flip-scales":
+        return [view._replace(scale=scale) for scale in TTA_SCALES for view in flips]
     raise MedsegError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
 
 
