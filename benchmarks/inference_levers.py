@@ -30,11 +30,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import hardware
 
+from medseg import metrics
 from medseg.config.choices import TTA_SCALES
 from medseg.data.folder import find_pairs, train_val_samples
 from medseg.data.io import read_image, read_mask
+from medseg.metrics import confusion_counts
 from medseg.prediction.postprocess import keep_largest_component
 from medseg.prediction.predictor import Predictor
 from medseg.prediction.segmenter import View
@@ -121,8 +124,9 @@ def to_mask(probability: np.ndarray, threshold: float, rule: str) -> np.ndarray:
 
 
 def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = mask.sum() + truth.sum()
-    return 1.0 if total == 0 else 2.0 * np.logical_and(mask, truth).sum() / total
+    """The Dice `medseg evaluate` reports for one binary mask."""
+    counts = confusion_counts(torch.from_numpy(mask)[None], torch.from_numpy(truth)[None])
+    return metrics.dice(counts)[0].item()
 
 
 def markdown(rows: list[dict]) -> str:

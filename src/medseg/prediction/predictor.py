@@ -237,13 +237,7 @@ def _rescale(batch: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0:
         return batch
     size = [max(16, round(side * scale / 16) * 16) for side in batch.shape[-2:]]
-    channels_last = batch.is_contiguous(memory_format=torch.channels_last)
-    resized = _resize(batch, size)  # in the batch's memory layout, which the network expects
-    return (
-        resized.contiguous(memory_format=torch.channels_last)
-        if channels_last
-        else resized.contiguous()
-    )
+    return _resize(batch, size)  # interpolate keeps the batch's memory layout (channels_last)
 
 
 def _resize(batch: torch.Tensor, size) -> torch.Tensor:

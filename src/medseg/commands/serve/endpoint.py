@@ -2,9 +2,9 @@
 
 ``POST /v1/segment`` takes a multipart ``file`` and answers the mask PNG exactly as
 ``medseg predict`` writes it for that file (same TTA default, same threshold), named in its
-Content-Disposition; query options ``tta`` (auto, none, flip, d4, flip-scales), ``threshold`` (binary
-models), ``postprocess`` (true/false) and ``format`` (png, or npz: the mask, the probabilities
-and the class names). What cannot be segmented gets a 4xx with ``{"error": "..."}``: 400 for a
+Content-Disposition; query options ``tta`` (auto, none, flip, d4, flip-scales), ``threshold``
+(binary models), ``postprocess`` (true/false) and ``format`` (png, or npz: the mask, the
+probabilities and the class names). What cannot be segmented gets a 4xx with ``{"error": "..."}``: 400 for a
 bad option or no file, 413 past the size or pixel limit, 422 for a file that is not an image
 medseg reads or whose channels the model cannot take. Imported once fastapi is known to be there.
 """
