@@ -21,11 +21,10 @@ from pathlib import Path
 from common import hardware
 
 import medseg
+from medseg.commands.evaluate import ROI_FOLDER
 from medseg.config.choices import TTA_MODES
 from medseg.data.folder import train_val_samples
 from medseg.engine.checkpoint import load_checkpoint
-
-ROI_FOLDER = "fov"  # a split's region-of-interest masks, beside images/ (DRIVE's field of view)
 
 
 def main() -> int:
