@@ -5,8 +5,9 @@
 
 Each argument is an evaluation folder (``medseg evaluate --out``) or its ``per_image.csv``. The
 images both score are paired by id; the difference of the means (B − A) gets a 95% confidence
-interval from a paired bootstrap (the images resampled with replacement, 10,000 times, seeded),
-and the images that moved most are listed: a mean over 150 images can be decided by three.
+interval from a paired bootstrap (the differences resampled image by image, as
+`medseg.metrics.mean_interval` does for `medseg evaluate`'s interval of a mean), and the images
+that moved most are listed: a mean over 150 images can be decided by three.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESAMPLES = 10_000
+from medseg.metrics import mean_interval
 
 
 def main() -> int:
@@ -50,15 +51,12 @@ def main() -> int:
     return 0
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, *, seed: int = 0) -> dict:
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
     """Mean of ``b - a``, its 95% paired-bootstrap interval, and how many pairs went up or down."""
     differences = b - a
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(RESAMPLES, len(differences)))
-    means = differences[picks].mean(axis=1)
     return {
         "mean": float(differences.mean()),
-        "ci95": tuple(float(q) for q in np.percentile(means, [2.5, 97.5])),
+        "ci95": mean_interval(differences),
         "higher": int((differences > 0).sum()),
         "lower": int((differences < 0).sum()),
     }

@@ -30,7 +30,14 @@ from medseg.engine.checkpoint import save_checkpoint
 from medseg.engine.runtime import select_precision
 from medseg.engine.validation import evaluate_loader
 from medseg.losses import DiceBCELoss
-from medseg.metrics import MetricAccumulator, binarize, class_counts, confusion_counts, dice
+from medseg.metrics import (
+    MetricAccumulator,
+    binarize,
+    class_counts,
+    confusion_counts,
+    dice,
+    mean_interval,
+)
 from medseg.model import DeepLabV3Plus
 from medseg.prediction.predictor import Predictor
 
@@ -45,6 +52,7 @@ SUMMARY_KEYS = [
     "iou_pooled",
     "thresholded_jaccard",
     "worst",
+    "dice_ci95",
     "auc",  # binary checkpoints only
     "checkpoint",
     "data",
@@ -201,6 +209,8 @@ def test_evaluate_folder_writes_consistent_summary_and_rows(
             assert float(row[column]) == pytest.approx(expected[column], rel=1e-5, abs=1e-6)
     dices = [float(row["dice"]) for row in rows]
     assert summary["dice"] == pytest.approx(sum(dices) / 4, rel=1e-5)
+    low, high = summary["dice_ci95"]
+    assert min(dices) <= low < summary["dice"] < high <= max(dices)
     assert summary["worst"][0]["dice"] == pytest.approx(min(dices), rel=1e-5, abs=1e-6)
     assert [case["dice"] for case in summary["worst"]] == sorted(
         case["dice"] for case in summary["worst"]
@@ -260,6 +270,11 @@ def test_binary_evaluation_is_pinned_to_before_label_maps(
     # the AUC ranks probabilities, which each CPU rounds in its own way (pinned in fp32).
     assert (tmp_path / "per_image.csv").read_text() == PINNED_PER_IMAGE_CSV
     del summary["checkpoint"], summary["data"]
+    # The interval came later, beside the pinned keys: the bootstrap of the pinned Dice values,
+    # in the images' order (the resamples pick images by position).
+    by_id = sorted(PINNED_SUMMARY["worst"], key=lambda case: case["id"])
+    interval = mean_interval([case["dice"] for case in by_id])
+    assert summary.pop("dice_ci95") == pytest.approx(list(interval), abs=1e-6)
     tolerance = {"fp32": 1e-6, "bf16": 0.01}[precision]  # fp32 kernels differ by CPU too
     assert summary["auc"] == pytest.approx(PINNED_SUMMARY["auc"], abs=tolerance)
     assert {**summary, "auc": None} == {**PINNED_SUMMARY, "auc": None}
@@ -333,6 +348,16 @@ def test_format_summary_prints_every_table_row_and_the_worst():
     assert lines[-1] == "3 images; lowest Dice: ISIC_1 (0.250), ISIC_2 (0.500)"
 
 
+def test_format_summary_gives_the_mean_dice_interval_under_the_table():
+    summary = {key: 0.0 for _, key in SUMMARY_TABLE}
+    summary.update(
+        dice=0.8577, dice_ci95=[0.8260, 0.8823], images=150, worst=[{"id": "a", "dice": 0.0}]
+    )
+    assert format_summary(summary).splitlines()[-1] == (
+        "150 images (mean Dice 0.858, 95% bootstrap interval 0.826-0.882); lowest Dice: a (0.000)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Folder evaluation of label maps
 
@@ -381,8 +406,8 @@ def test_evaluate_folder_scores_each_class(three_class_checkpoint, tmp_path):
 
     assert list(summary) == [
         *SUMMARY_KEYS[: SUMMARY_KEYS.index("worst") + 1],
-        "mean_foreground_dice", "per_class", "checkpoint", "data", "tta", "postprocess", "roi",
-        "labels",
+        "mean_foreground_dice", "per_class", "dice_ci95", "checkpoint", "data", "tta",
+        "postprocess", "roi", "labels",
     ]  # fmt: skip
     assert summary["labels"] == LABELS
     assert list(summary["per_class"]) == ["a", "b"]

@@ -139,6 +139,9 @@ def test_one_fold_alone_then_the_rest_gives_the_layout_and_cv_summary(
     assert summary["out_of_fold"]["dice"] == pytest.approx(
         np.mean([float(row["dice"]) for row in rows]), abs=1e-5
     )
+    low, high = summary["out_of_fold"]["dice_ci95"]
+    assert low <= summary["out_of_fold"]["dice"] <= high
+    assert f"(95% interval {low:.4f}-{high:.4f})" in out
     # The same numbers as medseg evaluate gives fold 0's model on fold 0's validation images.
     folder = tmp_path / "fold0-val"
     for kind, name in (("images", "{}.jpg"), ("masks", "{}_segmentation.png")):

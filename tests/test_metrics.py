@@ -15,6 +15,7 @@ from medseg.metrics import (
     dice,
     hausdorff95,
     iou,
+    mean_interval,
     pixel_accuracy,
     sensitivity,
     specificity,
@@ -131,6 +132,45 @@ def test_empty_accumulator():
     assert accumulator.counts.shape == (0, 4)
     with pytest.raises(ValueError, match="update"):
         accumulator.summary()
+
+
+def test_mean_interval_has_the_width_of_a_normal_mean():
+    # 400 draws of N(0.8, 0.1): the mean's 95% interval is ±1.96 × 0.1 / 20 ≈ ±0.0098 around it.
+    values = np.random.default_rng(1).normal(0.8, 0.1, 400)
+    low, high = mean_interval(values)
+    assert low < values.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * values.std(ddof=1) / 20, rel=0.15)
+    assert mean_interval(values) == (low, high)  # seeded: the same scores, the same interval
+    assert mean_interval(values, confidence=0.5)[1] - mean_interval(values, confidence=0.5)[0] < (
+        high - low
+    )
+
+
+def test_mean_interval_reaches_further_towards_the_missed_images():
+    # Dice as a model scores a test set: most images near 0.9, a few missed entirely. The mean
+    # could fall far if more such images came, and rise only a little: the interval leans low.
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0.85, 0.95, 145), np.zeros(5)])
+    low, high = mean_interval(values)
+    assert values.mean() - low > high - values.mean()
+
+
+def test_mean_interval_of_paired_differences_finds_a_small_consistent_gain():
+    # B beats A by 0.01 on every image, with noise far smaller than the spread between images:
+    # the means' own intervals overlap, the paired differences' interval excludes 0.
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.6, 1.0, 150)
+    b = a + 0.01 + rng.normal(0, 0.005, 150)
+    low, high = mean_interval(b - a)
+    assert 0 < low < 0.01 < high
+    assert mean_interval(a)[1] > mean_interval(b)[0]
+
+
+def test_mean_interval_of_one_value_or_equal_values_is_the_value():
+    assert mean_interval([0.5]) == (0.5, 0.5)
+    assert mean_interval(np.full(10, 0.25)) == (0.25, 0.25)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_interval([])
 
 
 def test_thresholded_jaccard_by_hand():

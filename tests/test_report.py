@@ -46,7 +46,9 @@ def test_evaluate_report_shows_the_summary_and_the_cases(tiny_checkpoint, synthe
     table = _section(page, "Summary")
     for label, key in SUMMARY_TABLE:  # every number the command printed, at its label
         assert f"<td>{html.escape(label)}</td><td>{summary[key]:.4f}</td>" in table, key
-    assert f"{summary['images']} images; lowest Dice: {summary['worst'][0]['id']}" in table
+    low, high = summary["dice_ci95"]
+    line = f"{summary['images']} images (mean Dice {summary['dice']:.3f}, 95% bootstrap interval"
+    assert f"{line} {low:.3f}-{high:.3f}); lowest Dice: {summary['worst'][0]['id']}" in table
 
     worst_id = summary["worst"][0]["id"]
     assert f"{worst_id}: Dice {summary['worst'][0]['dice']:.3f}" in _section(page, "Worst cases")

@@ -23,6 +23,10 @@ distances of every class, then aggregates them (`summary`):
   dominate it.
 - `thresholded_jaccard` (ISIC 2018: an image's IoU below 0.65 counts as 0) and the `worst`
   images by Dice.
+- `mean_interval`: how far a mean over images could move on other images like these (a
+  bootstrap confidence interval). `medseg evaluate` gives it for the mean Dice; on a test set of
+  150 images it is about ±0.02 wide, so two recipes that differ by less are compared image by
+  image (the interval of their paired differences), not by their means.
 
 Every "probability -> mask" decision goes through `binarize`, so one rule (strictly above the
 threshold) holds for validation, evaluation and the tests; several classes are arg-maxed.
@@ -55,7 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 from torch import Tensor
 
 METRIC_NAMES = ("dice", "iou", "accuracy", "sensitivity", "specificity")
@@ -68,6 +72,11 @@ PER_CLASS_NAMES = ("dice", "iou", "sensitivity", "specificity", *SURFACE_NAMES)
 BINARY_CLASSES = ("foreground",)  # the one class of binary masks whose data names no classes
 POOLED_NAMES = ("dice", "iou")
 THRESHOLDED_JACCARD_CUTOFF = 0.65  # ISIC 2018
+# The bootstrap of `mean_interval`: resamples drawn from a fixed seed (the same values give the
+# same interval), this many at a time so that memory stays (batch × images) on any data set.
+BOOTSTRAP_RESAMPLES = 5000
+BOOTSTRAP_BATCH = 250
+BOOTSTRAP_SEED = 0
 
 
 def binarize(values, threshold: float = 0.5):
@@ -232,6 +241,26 @@ def thresholded_jaccard(iou_values, threshold: float = THRESHOLDED_JACCARD_CUTOF
     if values.size == 0:
         raise ValueError("thresholded_jaccard needs at least one IoU value")
     return float(np.where(values < threshold, 0.0, values).mean())
+
+
+def mean_interval(values, *, confidence: float = 0.95) -> tuple[float, float]:
+    """The (low, high) bootstrap confidence interval of the mean of per-image ``values``
+    (`scipy.stats.bootstrap`, BCa: per-image Dice is skewed by the few images a model misses).
+
+    Of paired differences (one recipe's Dice minus another's, image by image), it says whether
+    the two differ on images like these. Fewer than two values, or all equal, give (mean, mean).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("mean_interval needs at least one value")
+    if values.size < 2 or np.ptp(values) == 0:
+        return float(values.mean()), float(values.mean())
+    result = stats.bootstrap(
+        (values,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
+        batch=BOOTSTRAP_BATCH, method="BCa", rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )  # fmt: skip
+    low, high = result.confidence_interval
+    return float(low), float(high)
 
 
 # ----------------------------------------------------------------------------------------------

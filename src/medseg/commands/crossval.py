@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.commands.evaluate import score_samples, target_labels
+from medseg.commands.evaluate import score_samples, scored_summary, target_labels
 from medseg.config import Config
 from medseg.config.choices import DEFAULT_TTA
 from medseg.core.console import records_console
@@ -151,9 +151,7 @@ def score_out_of_fold(
 
 
 def _scored(metrics: MetricAccumulator, auc, *, tta: str, data: str | Path) -> dict[str, Any]:
-    summary = metrics.summary()
-    if auc is not None and auc.value() is not None:
-        summary["auc"] = auc.value()
+    summary = scored_summary(metrics, auc)
     summary.update({"data": str(data), "tta": tta})
     return summary
 
@@ -186,10 +184,19 @@ def _heading(key: str) -> str:
     return {"val_dice": "Dice", "val_iou": "IoU"}[key]
 
 
+def _interval(scores: dict[str, Any]) -> str:
+    """The mean Dice's bootstrap interval as the out-of-fold line gives it, e.g.
+    ``" (95% interval 0.9012-0.9288)"``; nothing for a cv_summary.json from before it."""
+    if "dice_ci95" not in scores:
+        return ""
+    low, high = scores["dice_ci95"]
+    return f" (95% interval {low:.4f}-{high:.4f})"
+
+
 def _out_of_fold_line(scores: dict[str, Any]) -> str:
     line = (
         f"out-of-fold, all {scores['images']} images of train/ in {scores['data']} at their own size "
-        f"(TTA {scores['tta']}): Dice {scores['dice']:.4f}, IoU {scores['iou']:.4f}"
+        f"(TTA {scores['tta']}): Dice {scores['dice']:.4f}{_interval(scores)}, IoU {scores['iou']:.4f}"
     )
     if "per_class" in scores:
         classes = ", ".join(f"{name} {v['dice']:.4f}" for name, v in scores["per_class"].items())

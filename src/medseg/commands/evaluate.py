@@ -3,7 +3,8 @@
 `evaluate_folder` predicts with `medseg.prediction.predictor.Predictor`, feeds every prediction and its mask
 to one `MetricAccumulator` (overlap and surface metrics), and writes ``per_image.csv`` (columns
 `PER_IMAGE_COLUMNS`, then per-class columns for a multi-class checkpoint) and ``summary.json``
-(`MetricAccumulator.summary` plus what was scored and how). Validation during training, at the
+(`MetricAccumulator.summary`, the mean Dice's 95% bootstrap interval ``dice_ci95``
+(`medseg.metrics.mean_interval`), and what was scored and how). Validation during training, at the
 network's resolution, is `medseg.engine.validation.evaluate_loader`.
 
 Masks are read as the checkpoint was trained: label maps of its classes (``data.labels``) for a
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.commands.report import class_rows, pick_cases, write_report
+from medseg.commands.report import class_rows, images_line, pick_cases, write_report
 from medseg.config.choices import DEFAULT_TTA
 from medseg.core.errors import MedsegError
 from medseg.core.files import check_writable, refuse_existing, write_csv, write_text
@@ -37,7 +38,13 @@ from medseg.data.dataset import find_dataset_json, read_dataset_info
 from medseg.data.folder import SPLIT_NAMES, Sample, check_pair, find_pairs, resolve_split_folder
 from medseg.data.io import IMAGE_EXTENSIONS, read_image, read_mask, read_target
 from medseg.engine.runtime import releases_process_group
-from medseg.metrics import PER_IMAGE_COLUMNS, MetricAccumulator, PixelAUC, foreground_classes
+from medseg.metrics import (
+    PER_IMAGE_COLUMNS,
+    MetricAccumulator,
+    PixelAUC,
+    foreground_classes,
+    mean_interval,
+)
 from medseg.prediction.predictor import Predictor
 from medseg.prediction.shards import Shards
 
@@ -51,6 +58,7 @@ __all__ = [
     "score_pair",
     "score_samples",
     "scored_name",
+    "scored_summary",
 ]
 
 # (label, summary key): the rows of the table `medseg evaluate` prints and the report shows.
@@ -192,16 +200,24 @@ def _summary(
     metrics: MetricAccumulator, auc: PixelAUC | None, predictor: Predictor, *, checkpoint: str,
     data: str, roi: Path | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The summary.json of an evaluation: the metrics, then where and how they were made."""
-    summary = metrics.summary()
-    if auc is not None and auc.value() is not None:
-        summary["auc"] = auc.value()
+    """The summary.json of an evaluation: the scores, then where and how they were made."""
+    summary = scored_summary(metrics, auc)
     summary.update(
         {"checkpoint": checkpoint, "data": data, "tta": predictor.tta,
          "postprocess": predictor.postprocess, "roi": None if roi is None else str(roi)}
     )  # fmt: skip
     if metrics.multi_class:  # binary summaries keep the keys they always had
         summary["labels"] = list(predictor.config.data.labels)
+    return summary
+
+
+def scored_summary(metrics: MetricAccumulator, auc: PixelAUC | None) -> dict[str, Any]:
+    """The scores of an evaluation: `MetricAccumulator.summary`, the mean Dice's 95% bootstrap
+    interval ``dice_ci95`` (`medseg.metrics.mean_interval`), and a binary model's pixel AUC."""
+    summary = metrics.summary()
+    summary["dice_ci95"] = list(mean_interval(metrics.per_image()["dice"]))
+    if auc is not None and auc.value() is not None:
+        summary["auc"] = auc.value()
     return summary
 
 
@@ -337,7 +353,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "per_class" in summary:
         lines += ["", *_class_table(summary)]
     worst = ", ".join(f"{case['id']} ({case['dice']:.3f})" for case in summary["worst"])
-    lines.append(f"{summary['images']} images; lowest Dice: {worst}")
+    lines.append(f"{images_line(summary)}; lowest Dice: {worst}")
     if summary.get("roi"):
         lines.append(f"scored inside the ROI masks in {summary['roi']}")
     return "\n".join(lines)

@@ -41,6 +41,17 @@ def pick_cases(rows: list[dict[str, Any]], *, per_kind: int = 2) -> dict[str, li
     }
 
 
+def images_line(summary: dict[str, Any]) -> str:
+    """The line under the summary table, the scale of the test: e.g. ``150 images (mean Dice
+    0.858, 95% bootstrap interval 0.826-0.882)``; a summary.json from before the interval gives
+    the count alone."""
+    line = f"{summary['images']} images"
+    if "dice_ci95" in summary:
+        low, high = summary["dice_ci95"]
+        line += f" (mean Dice {summary['dice']:.3f}, 95% bootstrap interval {low:.3f}-{high:.3f})"
+    return line
+
+
 def class_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, scores) of each class of a multi-class summary, then ("mean", the summary).
 
@@ -106,7 +117,8 @@ def _summary_table(summary: dict[str, Any], table: list[tuple[str, str]]) -> str
     worst = ", ".join(
         f"{html.escape(case['id'])} ({case['dice']:.3f})" for case in summary["worst"]
     )
-    return f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table><p>{summary['images']} images; lowest Dice: {worst}</p>"
+    images = html.escape(images_line(summary))
+    return f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table><p>{images}; lowest Dice: {worst}</p>"
 
 
 def _class_table(summary: dict[str, Any], columns: Sequence[tuple[str, str]]) -> str:
