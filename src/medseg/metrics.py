@@ -24,9 +24,9 @@ distances of every class, then aggregates them (`summary`):
 - `thresholded_jaccard` (ISIC 2018: an image's IoU below 0.65 counts as 0) and the `worst`
   images by Dice.
 - `mean_interval`: how far a mean over images could move on other images like these (a
-  bootstrap confidence interval). `medseg evaluate` gives it for the mean Dice; on a test set of
-  150 images it is about ±0.02 wide, so two recipes that differ by less are compared image by
-  image (the interval of their paired differences), not by their means.
+  bootstrap confidence interval). `medseg evaluate` gives it for the mean Dice; two recipes
+  scored on the same images are compared by the interval of their paired differences, which
+  is much tighter than either mean's.
 
 Every "probability -> mask" decision goes through `binarize`, so one rule (strictly above the
 threshold) holds for validation, evaluation and the tests; several classes are arg-maxed.
