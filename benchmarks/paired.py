@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--metric", default="dice", help="a column of per_image.csv")
     parser.add_argument("--largest", type=int, default=5, help="images listed that moved most")
     args = parser.parse_args()
-    first, second = _scores(args.a, args.metric), _scores(args.b, args.metric)
+    first, second = read_scores(args.a, args.metric), read_scores(args.b, args.metric)
     ids = sorted(first.keys() & second.keys())
     if not ids:
         print(f"no image is scored in both {args.a} and {args.b}", file=sys.stderr)
@@ -62,7 +62,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-def _scores(path: Path, metric: str) -> dict[str, float]:
+def read_scores(path: Path, metric: str) -> dict[str, float]:
     table = path / "per_image.csv" if path.is_dir() else path
     with table.open(newline="", encoding="utf-8") as rows:
         reader = csv.DictReader(rows)
