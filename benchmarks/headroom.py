@@ -6,9 +6,10 @@ Each argument is an evaluation folder (``medseg evaluate --out``) or its ``per_i
 scoring the same test images. Printed: each model's mean with its 95% interval
 (`medseg.metrics.mean_interval`) and the distance to the target in whole images (a mean over 150
 images rises by 0.0067 for each image that goes from Dice 0 to 1); the mean of the best model on
-each image, picked after seeing the truth, which no rule that picks one of these models per image
-beats (averaging them could, in principle, though the ensembles measured here did not); and the images every model misses, with each model's mean without them.
-A target above the best-of-all mean is out of reach of picking among these recipes.
+each image, picked after seeing the truth, which no rule that picks one of these models per
+image beats (averaging them could, in principle); and the images every model misses, with each
+model's mean without them. A target above the best-per-image mean is out of reach of picking
+among these recipes.
 """
 
 from __future__ import annotations
