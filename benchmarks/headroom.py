@@ -29,7 +29,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("runs", type=Path, nargs="+", help="evaluation folders or per_image.csv")
-    parser.add_argument("--metric", default="dice", help="a column of per_image.csv")
+    # Scores where higher is better: the best model per image is the one scoring highest.
+    parser.add_argument("--metric", default="dice", choices=["dice", "iou", "accuracy"])
     parser.add_argument("--target", type=float, default=None, help="the mean to be reached")
     parser.add_argument("--missed", type=float, default=0.5, help="a score below this is a miss")
     args = parser.parse_args()
@@ -41,9 +42,10 @@ def main() -> int:
     scores = np.array([[table[i] for i in ids] for table in tables])
     print(f"{len(ids)} images scored by all {len(tables)} models; {args.metric}")
     for run, row in zip(args.runs, scores, strict=True):
-        print(_model_line(_name(run), row, args.target, args.missed))
-    print(_model_line("best model per image (after the truth)", scores.max(0), args.target, 0))
-    missed_by_all = scores.max(0) < args.missed
+        print(_model_line(_name(run), row, args.target, args.missed, args.metric))
+    best = scores.max(0)
+    print(_model_line("best model per image (after the truth)", best, args.target, 0, args.metric))
+    missed_by_all = best < args.missed
     print(
         f"{missed_by_all.sum()} images below {args.missed} in every model: "
         + ", ".join(f"{ids[i]} {scores[:, i].max():.3f}" for i in np.flatnonzero(missed_by_all))
@@ -53,14 +55,16 @@ def main() -> int:
     return 0
 
 
-def _model_line(name: str, values: np.ndarray, target: float | None, missed: float) -> str:
+def _model_line(
+    name: str, values: np.ndarray, target: float | None, missed: float, metric: str
+) -> str:
     low, high = mean_interval(values)
     line = f"  {name}: {values.mean():.4f} (95% interval {low:.3f}-{high:.3f})"
     if missed:
         line += f", {(values < missed).sum()} below {missed}"
     if target is not None and values.mean() < target:
         images = (target - values.mean()) * len(values)
-        line += f"; {images:.1f} images' worth of Dice short of {target}"
+        line += f"; {images:.1f} images' worth of {metric} short of {target}"
     elif target is not None:
         line += f"; past {target}"
     return line

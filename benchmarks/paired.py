@@ -63,6 +63,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def read_scores(path: Path, metric: str) -> dict[str, float]:
+    """Image id → ``metric`` from an evaluation folder or its per_image.csv (blank and NaN left out)."""
     table = path / "per_image.csv" if path.is_dir() else path
     with table.open(newline="", encoding="utf-8") as rows:
         reader = csv.DictReader(rows)
